@@ -1,0 +1,111 @@
+"""The interfaces the core expects from each component kind.
+
+The orchestrator (:mod:`g4seg.refiner`) talks to plugins only through these protocols, so a
+third-party backbone, injector or extractor needs nothing else from the core.
+Tensors are torch tensors; torch is imported only for type checking.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+
+@dataclass(frozen=True)
+class AttentionLayer:
+    """One attention processor of a UNet: its processor name, self/cross, and its (h, w) token grid."""
+
+    name: str
+    kind: str  # "self" or "cross"
+    grid: tuple[int, int]
+
+
+@dataclass
+class Conditioning:
+    """Everything besides (sample, timestep) that one UNet call needs for a batch of prompts."""
+
+    encoder_hidden_states: torch.Tensor
+    unet_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class Backbone(Protocol):
+    """A diffusion model reduced to what G4Seg needs: encode, one-step prediction, decode."""
+
+    unet: torch.nn.Module
+    resolution: int  # default square input side in pixels
+    vae_scale_factor: int  # pixels per latent cell (8 for every SD family)
+    prediction_type: str  # "epsilon", "v_prediction" or "sample"
+    alphas_cumprod: torch.Tensor  # (num_train_timesteps,) float32
+    device: torch.device
+    dtype: torch.dtype
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> scaled latents (B, C, H/f, W/f)."""
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> (B, 3, H, W) float32 in [0, 1]."""
+
+    def encode_prompts(self, prompts: Sequence[str], image_hw: tuple[int, int]) -> Conditioning:
+        """Text conditioning (and any added conditions) for a batch of prompts."""
+
+    def token_indices(self, prompt: str, phrase: str) -> list[int]:
+        """Positions of ``phrase``'s tokens inside the tokenized ``prompt`` (all of them)."""
+
+    def predict(self, latents: torch.Tensor, timestep: int, cond: Conditioning, **extra: Any) -> torch.Tensor:
+        """One UNet call; returns the raw model output (interpreted by ``prediction_type``)."""
+
+    def attention_layers(self, latent_hw: tuple[int, int]) -> list[AttentionLayer]:
+        """The UNet's attention processors with their kind and token grid for this latent size."""
+
+
+class Injector(Protocol):
+    """Conditions the one UNet call on binary masks; must leave the backbone exactly as found."""
+
+    def inject(
+        self,
+        backbone: Backbone,
+        masks: torch.Tensor,
+        token_indices: Sequence[Sequence[int]],
+        timestep: int,
+    ) -> AbstractContextManager[dict[str, Any]]:
+        """Context manager active around the UNet call; yields extra keyword arguments for ``predict``.
+
+        ``masks`` is (B, H, W) bool at the backbone's input resolution, one per batch entry;
+        ``token_indices[b]`` are the class-name token positions of prompt ``b``.
+        """
+
+
+class Extractor(Protocol):
+    """Dense per-patch features for the correspondence step."""
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) float32 in [0, 1] -> L2-normalised (B, C, h, w)."""
+
+
+@dataclass
+class CoarseMask:
+    """Coarse per-class probabilities aligned with a class list, plus pixels to ignore."""
+
+    probs: np.ndarray  # (K, H, W) float32 in [0, 1]
+    ignore: np.ndarray | None = None  # (H, W) bool, True = ignore (label 255)
+
+
+class MaskSource(Protocol):
+    """Produces coarse probabilities for an image."""
+
+    def load(self, image_path: Path, mask_path: Path | None, classes: Sequence[str],
+             image_hw: tuple[int, int]) -> CoarseMask:
+        """Coarse mask for ``image_path``; raises G4SegError on bad input."""
+
+
+class PostProcessor(Protocol):
+    """Optional clean-up of refined probabilities (e.g. dense CRF)."""
+
+    def __call__(self, image: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 image and (K, H, W) probabilities -> probabilities of the same shape."""

@@ -1,0 +1,110 @@
+"""The run configuration: one pydantic model shared by the Python API, the TOML file and the CLI.
+
+Every option has one name in all three places. Component options live under ``options.<kind>``
+(``[options.backbone]`` in TOML, ``-o backbone.model=...`` on the command line).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from g4seg.errors import G4SegError
+
+COMPONENT_KINDS = ("backbone", "injector", "extractor", "mask_source", "postprocessor")
+
+
+class RefineConfig(BaseModel):
+    """All settings of a refinement run; defaults are the paper's (DESIGN.md section 1)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backbone: str = "sd21"
+    injector: str = "attn"
+    extractor: str = "clip"
+    mask_source: str = "file"
+    postprocessor: str | None = None
+    timestep: int = Field(400, ge=1, le=999, description="noising step t_s")
+    beta: float = Field(0.8, ge=0.0, le=1.0, description="mixing coefficient of Eq. 9")
+    cf: tuple[float, float] = Field((0.2, 0.6), description="confidence band: only S in [lo, hi] is updated")
+    seed: int = 0
+    prompt: str = "a photo of {}"
+    resolution: int | None = Field(None, ge=64, description="square model input side; None = backbone default")
+    soften_sigma: float = Field(0.03, ge=0.0, description="blur sigma for hard masks, fraction of the short side")
+    bg_threshold: float = Field(0.5, ge=0.0, le=1.0, description="below this max probability a pixel is background")
+    class_batch: int = Field(8, ge=1, description="classes per UNet call")
+    device: str = "auto"
+    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+    offline: bool = False
+    options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("cf")
+    @classmethod
+    def _band_ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = value
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError("cf must satisfy 0 <= lo <= hi <= 1")
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_slot(cls, value: str) -> str:
+        if "{}" not in value:
+            raise ValueError("prompt must contain '{}' where the class name goes")
+        return value
+
+    @model_validator(mode="after")
+    def _known_option_kinds(self) -> "RefineConfig":
+        unknown = set(self.options) - set(COMPONENT_KINDS)
+        if unknown:
+            raise ValueError(f"options for unknown component kind(s): {', '.join(sorted(unknown))}; "
+                             f"use one of {', '.join(COMPONENT_KINDS)}")
+        return self
+
+    def component_options(self, kind: str) -> dict[str, Any]:
+        return dict(self.options.get(kind, {}))
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, dict[str, str]]:
+    """``["backbone.model=x", ...]`` -> ``{"backbone": {"model": "x"}}`` (values validated later)."""
+    options: dict[str, dict[str, str]] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        kind, dot, name = key.partition(".")
+        if not sep or not dot or not name:
+            raise G4SegError(f"option '{pair}' must look like COMPONENT.KEY=VALUE (e.g. backbone.model=...)")
+        if kind not in COMPONENT_KINDS:
+            raise G4SegError(f"option '{pair}': unknown component '{kind}' (use {', '.join(COMPONENT_KINDS)})")
+        options.setdefault(kind, {})[name] = value
+    return options
+
+
+def load_config(path: Path | None = None, **overrides: Any) -> RefineConfig:
+    """Build a config from an optional TOML file, then keyword overrides (None values are skipped)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise G4SegError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise G4SegError(f"config file {path} is not valid TOML: {exc}") from None
+    data = _merge(data, {k: v for k, v in overrides.items() if v is not None})
+    try:
+        return RefineConfig(**data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise G4SegError(f"invalid configuration: {problems}") from None
