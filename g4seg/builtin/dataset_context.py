@@ -1,0 +1,64 @@
+"""PASCAL Context in mmsegmentation's converted layout: ``context60`` and ``context59``.
+
+ROOT is the ``VOC2010`` folder (``VOCdevkit/VOC2010``) after mmseg's ``pascal_context.py`` converter:
+``ImageSets/SegmentationContext/{train,val}.txt`` and grey labels in ``SegmentationClassContext`` with
+0 = background and 1..59 the classes.
+
+- ``context60`` keeps background as a class (mmseg ``PascalContextDataset``, reduce_zero_label=False).
+- ``context59`` has no background class (mmseg ``PascalContextDataset59``, reduce_zero_label=True):
+  :meth:`load_label` turns background pixels into 255, so they are not scored, and the metric runs over
+  the 59 classes only; a predicted background pixel belongs to no class and only counts as a miss.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from g4seg.datasets import IGNORE_INDEX, DatasetOptions, Layout, SegDataset
+from g4seg.hookspecs import hookimpl
+from g4seg.registry import ComponentSpec, Runtime
+
+_SPLITS = "ImageSets/SegmentationContext"
+
+
+class ContextOptions(DatasetOptions):
+    """VOC2010 root folder (with SegmentationClassContext) and split."""
+
+    split: Literal["train", "val"] = Field("val", description="train or val")
+
+
+class Context60(SegDataset):
+    name = "context60"
+    class_file = "context59.txt"
+    has_background = True
+    layouts = {split: Layout("JPEGImages", "SegmentationClassContext", (f"{_SPLITS}/{split}.txt",))
+               for split in ("train", "val")}
+
+
+class Context59(Context60):
+    name = "context59"
+    has_background = False
+
+    def _convert_label(self, raw: np.ndarray) -> np.ndarray:
+        labels = raw.copy()
+        labels[raw == 0] = IGNORE_INDEX
+        return labels
+
+
+def _build60(options: ContextOptions, runtime: Runtime) -> Context60:
+    return Context60(options.root, options.split)
+
+
+def _build59(options: ContextOptions, runtime: Runtime) -> Context59:
+    return Context59(options.root, options.split)
+
+
+@hookimpl
+def register_datasets(register):
+    register(ComponentSpec(kind="dataset", name="context60", aliases=("context", "pc60"), factory=_build60,
+                           options=ContextOptions, description="PASCAL Context, 59 classes + background"))
+    register(ComponentSpec(kind="dataset", name="context59", aliases=("pc59",), factory=_build59,
+                           options=ContextOptions, description="PASCAL Context, 59 classes, background ignored"))

@@ -1,0 +1,278 @@
+"""The attention injector ``attn``: binds a class mask to the UNet's self- and cross-attention scores.
+
+Masks (B, H, W) at the model input resolution are nearest-resized to each layer's token grid. With
+``m`` the resized mask, ``T_b`` the class-token positions of batch entry b (all tokens of a
+multi-token name), the relations of the paper are
+
+* Eq. 3, cross: ``A[i, j] = m[i] and j in T_b``;
+* Eq. 4, self:  ``A[i, j] = m[i] and m[j]`` (foreground-foreground pairs only).
+
+Two rules turn a relation into modified scores (DESIGN.md section 2):
+
+``rule="eq5"`` - the paper's Eq. 5, ``softmax((QK^T + alpha A) / sqrt(d))``: an additive bias
+``alpha * A / sqrt(d)``. Default ``alpha = 16``: for SD 2.1 (the paper's backbone, head dim 64)
+that is +2 in the softmax logits, which multiplies the weight of a bound pair by e^2 ~ 7.4 before
+renormalising - enough to move where the class token and the foreground attend, yet below the
+several-logit spread of typical score rows, so the stock attention pattern is shifted, not replaced.
+
+``rule="dense"`` - DenseDiffusion's value-range modulation (naver-ai/DenseDiffusion, ``mod_forward``),
+reproduced with these decisions taken from its code:
+
+* Scores are the scaled ``QK^T / sqrt(d)``; each row's max and min are taken over all keys of the
+  unmodulated row, per batch entry and head.
+* Pairs with ``A = 1`` move toward the row max, all others toward the row min, both by the factor
+  ``s_i = w * lambda_t * (1 - share_i)``: ``score + s_i (target - score)``. DenseDiffusion's two
+  in-place updates touch disjoint entries, so this single interpolation is the same computation.
+* Out-of-mask for cross-attention is every pair with ``A = 0`` (DenseDiffusion's ``~(mask > 0)``
+  over all 77 positions): class tokens at pixels outside the mask, and also the start, end, padding
+  and other prompt tokens at every pixel. Rows of pixels outside the mask therefore move as a whole
+  toward their minimum, which flattens their text attention by ``1 - w * lambda_t``.
+* ``share_i = sum_j A_self[i, j] / N``, i.e. the mask's area share on that grid for a pixel inside
+  the mask and 0 outside it (DenseDiffusion's row sum of its self layout, size weight 1). It is
+  computed per grid from the resized mask and used by the self and the cross layers alike.
+* ``w_cross = 1.0``, ``w_self = 0.3``; ``lambda_t = 1`` unless ``time_weight`` (then
+  ``(t / 1000) ** 5`` as in DenseDiffusion, which with ``rule="eq5"`` scales ``alpha`` the same way).
+* G4Seg runs no classifier-free guidance, so the whole batch is modulated (DenseDiffusion modulated
+  the conditional half of its [uncond, cond] batch).
+
+Both rules compute scores and softmax in float32 whatever the UNet's dtype (SD 2.1-768 needs upcast
+attention anyway; fp16 scores of large activations overflow) and cast the result back; the eq5 bias
+is passed to SDPA in the (upcast) query's dtype. A layer whose strength is zero gets no processor
+at all, so zero strength reproduces the stock UNet exactly. Processors are installed by layer name
+for the one call and the original processor objects are put back afterwards, also on error.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
+
+from pydantic import Field, PositiveInt
+
+from g4seg.errors import G4SegError
+from g4seg.hookspecs import hookimpl
+from g4seg.registry import ComponentSpec, Options, Runtime
+
+if TYPE_CHECKING:
+    import torch
+
+    from g4seg.components import Backbone
+
+
+class AttnOptions(Options):
+    """Options of the attention injector (see the module docstring for the two rules)."""
+
+    rule: Literal["dense", "eq5"] = Field("dense", description="dense: DenseDiffusion modulation; eq5: bias alpha*A")
+    w_cross: float = Field(1.0, ge=0.0, description="dense rule: strength at cross-attention layers")
+    w_self: float = Field(0.3, ge=0.0, description="dense rule: strength at self-attention layers")
+    alpha: float = Field(16.0, ge=0.0, description="eq5 rule: injection weight; the bias is alpha/sqrt(head dim)")
+    time_weight: bool = Field(False, description="scale the strength by (t/1000)^5 as DenseDiffusion does")
+    cross: bool = Field(True, description="inject into cross-attention layers")
+    self_attn: bool = Field(True, description="inject into self-attention layers")
+    resolutions: list[PositiveInt] | None = Field(None, min_length=1, description="grid heights to inject at, "
+                                                  "e.g. [32, 16]; None = all")
+
+
+def grid_mask(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, H, W) bool -> (B, h*w) bool, nearest-resized to the token grid, row-major like the tokens."""
+    import torch.nn.functional as F
+
+    return F.interpolate(masks[:, None].float(), size=grid, mode="nearest")[:, 0].flatten(1) > 0.5
+
+
+def cross_relation(pixels: torch.Tensor, token_indices: Sequence[Sequence[int]], num_tokens: int) -> torch.Tensor:
+    """Eq. 3: (B, N) pixel mask and per-entry class-token positions -> (B, N, num_tokens) bool."""
+    import torch
+
+    tokens = torch.zeros(pixels.shape[0], num_tokens, dtype=torch.bool, device=pixels.device)
+    for b, positions in enumerate(token_indices):
+        bad = [p for p in positions if not 0 <= p < num_tokens]
+        if bad:
+            raise G4SegError(f"class token positions {bad} of batch entry {b} lie outside the "
+                             f"{num_tokens}-token text context; use a shorter prompt or class name")
+        tokens[b, list(positions)] = True
+    return pixels[:, :, None] & tokens[:, None, :]
+
+
+def self_relation(pixels: torch.Tensor) -> torch.Tensor:
+    """Eq. 4: (B, N) pixel mask -> (B, N, N) bool, true where both pixels are in the mask."""
+    return pixels[:, :, None] & pixels[:, None, :]
+
+
+def area_share(pixels: torch.Tensor) -> torch.Tensor:
+    """(B, N) -> (B, N) float32: sum_j A_self[i, j] / N, the mask's area share inside it, 0 outside."""
+    inside = pixels.float()
+    return inside * inside.mean(dim=1, keepdim=True)
+
+
+def dense_modulate(scores: torch.Tensor, relation: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+    """Pull related scores toward their row max and the rest toward the row min by ``strength``.
+
+    ``scores`` (..., N, M); ``relation`` bool and ``strength`` (..., N, 1) broadcast against it.
+    """
+    import torch
+
+    target = torch.where(relation, scores.amax(dim=-1, keepdim=True), scores.amin(dim=-1, keepdim=True))
+    return torch.lerp(scores, target, strength)
+
+
+def eq5_bias(relation: torch.Tensor, alpha: float, scale: float) -> torch.Tensor:
+    """Eq. 5 as an additive score bias: ``alpha * A * scale`` with ``scale = 1/sqrt(d)``, float32."""
+    return relation.float() * (alpha * scale)
+
+
+def lambda_t(timestep: int) -> float:
+    """DenseDiffusion's lambda_t = (t/1000)^5."""
+    return (timestep / 1000.0) ** 5
+
+
+class MaskedAttnProcessor:
+    """A diffusers attention processor computing stock attention with one mask rule on its scores.
+
+    One object serves every layer of its kind on one grid; ``pixels`` is the (B, N) mask there.
+    """
+
+    def __init__(self, kind: str, grid: tuple[int, int], pixels: torch.Tensor,
+                 token_indices: Sequence[Sequence[int]], rule: str, strength: float) -> None:
+        self.kind, self.grid, self.pixels = kind, grid, pixels
+        self.token_indices, self.rule, self.strength = token_indices, rule, strength
+
+    def relation(self, num_keys: int, device: torch.device) -> torch.Tensor:
+        pixels = self.pixels.to(device)
+        if self.kind == "cross":
+            return cross_relation(pixels, self.token_indices, num_keys)
+        return self_relation(pixels)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+               attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, heads, N, d) tensors -> (B, heads, N, d) in the value's dtype, computed in float32."""
+        import torch.nn.functional as F
+
+        batch, _, queries, _ = query.shape
+        if batch != self.pixels.shape[0] or queries != self.pixels.shape[1]:
+            raise G4SegError(f"attention at grid {self.grid} got batch {batch} with {queries} queries, but the "
+                             f"masks give batch {self.pixels.shape[0]} with {self.pixels.shape[1]} cells; "
+                             "masks must be at the backbone's input size, one per prompt")
+        q, k, v = query.float(), key.float(), value.float()
+        relation = self.relation(k.shape[2], q.device)[:, None]
+        extra = attention_mask.float() if attention_mask is not None else None
+        if self.rule == "eq5":
+            bias = eq5_bias(relation, self.strength, scale)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias if extra is None else bias + extra,
+                                                 scale=scale)
+        else:
+            strength = (self.strength * (1.0 - area_share(self.pixels.to(q.device))))[:, None, :, None]
+            scores = dense_modulate((q @ k.transpose(-1, -2)) * scale, relation, strength)
+            if extra is not None:
+                scores = scores + extra
+            out = scores.softmax(dim=-1) @ v
+        return out.to(value.dtype)
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 *args: Any, **kwargs: Any) -> torch.Tensor:
+        # The same steps as diffusers' AttnProcessor2_0 around the attention itself.
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch, length, _ = hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, length, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if getattr(attn, "norm_q", None) is not None:
+            query = attn.norm_q(query)
+        if getattr(attn, "norm_k", None) is not None:
+            key = attn.norm_k(key)
+        hidden_states = self.attend(query, key, value, attn.scale, attention_mask)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+class AttentionInjector:
+    """Installs :class:`MaskedAttnProcessor` on the selected layers for the duration of one UNet call."""
+
+    def __init__(self, options: AttnOptions) -> None:
+        self.options = options
+
+    def strengths(self, timestep: int) -> dict[str, float]:
+        """Nonzero strength per enabled kind ("cross"/"self"); a kind left out gets no processor."""
+        o = self.options
+        lam = lambda_t(timestep) if o.time_weight else 1.0
+        base = {"cross": o.alpha, "self": o.alpha} if o.rule == "eq5" else {"cross": o.w_cross, "self": o.w_self}
+        enabled = {"cross": o.cross, "self": o.self_attn}
+        return {kind: value * lam for kind, value in base.items() if enabled[kind] and value * lam > 0}
+
+    def processors(self, backbone: Backbone, masks: torch.Tensor, token_indices: Sequence[Sequence[int]],
+                   timestep: int) -> dict[str, MaskedAttnProcessor]:
+        """Processor name -> processor for every layer that gets injected."""
+        if masks.ndim != 3 or len(token_indices) != masks.shape[0]:
+            raise G4SegError(f"attn injector needs (B, H, W) masks and B token lists, got masks "
+                             f"{tuple(masks.shape)} and {len(token_indices)} token lists")
+        f = backbone.vae_scale_factor
+        layers = backbone.attention_layers((masks.shape[1] // f, masks.shape[2] // f))
+        wanted = set(self.options.resolutions or ())
+        missing = wanted - {layer.grid[0] for layer in layers}
+        if missing:
+            heights = ", ".join(str(h) for h in sorted({layer.grid[0] for layer in layers}, reverse=True))
+            raise G4SegError(f"injector option resolutions={sorted(missing)} matches no attention layer at "
+                             f"this input size (grid heights: {heights})")
+        strengths = self.strengths(timestep)
+        shared: dict[tuple[str, tuple[int, int]], MaskedAttnProcessor] = {}
+        selected = {}
+        for layer in layers:
+            if layer.kind not in strengths or (wanted and layer.grid[0] not in wanted):
+                continue
+            key = (layer.kind, layer.grid)
+            if key not in shared:
+                shared[key] = MaskedAttnProcessor(layer.kind, layer.grid, grid_mask(masks, layer.grid),
+                                                  token_indices, self.options.rule, strengths[layer.kind])
+            selected[layer.name] = shared[key]
+        return selected
+
+    @contextmanager
+    def inject(self, backbone: Backbone, masks: torch.Tensor, token_indices: Sequence[Sequence[int]],
+               timestep: int) -> Iterator[dict[str, Any]]:
+        """Selected layers get their processor for the block; the original objects return after it."""
+        selected = self.processors(backbone, masks, token_indices, timestep)
+        unet = backbone.unet
+        original = unet.attn_processors
+        try:
+            if selected:  # set_attn_processor consumes its dict, hence fresh dicts each time
+                unet.set_attn_processor({**original, **selected})
+            yield {}
+        finally:
+            if selected:
+                unet.set_attn_processor(dict(original))
+
+
+def _build(options: AttnOptions, runtime: Runtime) -> AttentionInjector:
+    return AttentionInjector(options)
+
+
+@hookimpl
+def register_injectors(register):
+    register(ComponentSpec(kind="injector", name="attn", factory=_build, options=AttnOptions,
+                           tags=frozenset({"requires:unet-attention"}),
+                           description="bind the mask to self/cross attention (DenseDiffusion rule or Eq. 5 bias)"))

@@ -1,0 +1,195 @@
+"""Mask source ``file``: coarse masks read from PNG label maps / binary masks or NPY/NPZ probabilities.
+
+- PNG (or any image PIL reads): a palette image is read as indices, a grey one as values. As a
+  label map, value i is the i-th class of the class list, 0 background, 255 ignore. A grey mask
+  holding only 0 and 255 for a single class is a binary mask (255 = the class); 0/1 reads the same
+  either way. ``mode`` forces one reading.
+- ``.npy``: a (K, H, W) stack of probabilities in [0, 1] aligned with the class list, or (H, W) for
+  one class. ``.npz``: the same under the key ``probs``; when it also stores ``classes`` (as g4seg
+  writes its outputs), the maps are picked and reordered to match the requested class list.
+
+Every problem is one G4SegError line naming the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from g4seg.components import CoarseMask
+from g4seg.errors import G4SegError
+from g4seg.hookspecs import hookimpl
+from g4seg.masks import IGNORE_LABEL
+from g4seg.registry import ComponentSpec, Options, Runtime
+
+ARRAY_SUFFIXES = (".npy", ".npz")
+
+
+class FileMaskOptions(Options):
+    """How to read image masks, and whether masks of another size may be resized to the image."""
+
+    mode: Literal["auto", "labels", "binary"] = "auto"
+    resize: bool = False
+
+
+def _size(hw: tuple[int, int]) -> str:
+    return f"{hw[0]}x{hw[1]}"
+
+
+class FileMaskSource:
+    """Reads one mask file per image; see the module docstring for the formats."""
+
+    def __init__(self, options: FileMaskOptions) -> None:
+        self.options = options
+
+    def load(self, image_path: Path, mask_path: Path | None, classes: Sequence[str],
+             image_hw: tuple[int, int]) -> CoarseMask:
+        classes = list(classes)
+        if mask_path is None:
+            raise G4SegError(f"mask source 'file' needs a mask file for image {image_path}")
+        mask_path = Path(mask_path)
+        if not classes:
+            raise G4SegError(f"mask {mask_path}: the class list is empty (give at least one class name)")
+        if not mask_path.is_file():
+            raise G4SegError(f"mask file not found: {mask_path}")
+        soft = mask_path.suffix.lower() in ARRAY_SUFFIXES
+        if soft:
+            probs, ignore = _read_array(mask_path, classes), None
+        else:
+            probs, ignore = self._read_image(mask_path, classes)
+        probs, ignore = self._fit(mask_path, probs, ignore, tuple(image_hw), soft)
+        return CoarseMask(np.ascontiguousarray(probs, dtype=np.float32), ignore)
+
+    def _read_image(self, path: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        values, palette = _image_values(path)
+        present = set(np.unique(values).tolist())
+        binary = self.options.mode == "binary" or (
+            self.options.mode == "auto" and len(classes) == 1 and not palette and present <= {0, 255})
+        if binary:
+            if len(classes) != 1:
+                raise G4SegError(f"mask {path} is a binary mask (one class) but {len(classes)} classes were given")
+            if not (present <= {0, 255} or present <= {0, 1}):
+                raise G4SegError(f"binary mask {path} has values {_list(sorted(present))}; expected only 0/255 or 0/1")
+            return (values > 0)[None].astype(np.float32), None
+        return _labels_to_probs(path, values, classes)
+
+    def _fit(self, path: Path, probs: np.ndarray, ignore: np.ndarray | None, image_hw: tuple[int, int],
+             soft: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """Check the size; with ``resize``, bilinear for probability arrays, nearest for label images."""
+        mask_hw = probs.shape[1:]
+        if mask_hw == image_hw:
+            return probs, ignore
+        if not self.options.resize:
+            raise G4SegError(f"mask {path} is {_size(mask_hw)} (HxW) but the image is {_size(image_hw)}; "
+                             f"give a mask of the image's size or set -o mask_source.resize=true")
+        from scipy.ndimage import zoom
+
+        factors = (1, image_hw[0] / mask_hw[0], image_hw[1] / mask_hw[1])
+        resized = zoom(probs, factors, order=1 if soft else 0, mode="nearest", grid_mode=True)
+        if ignore is not None:
+            ignore = zoom(ignore.astype(np.uint8), factors[1:], order=0, mode="nearest", grid_mode=True) > 0
+        return np.clip(resized, 0.0, 1.0), ignore
+
+
+def _list(values: Sequence[object], limit: int = 8) -> str:
+    shown = ", ".join(str(v) for v in values[:limit])
+    return shown + (f" (+{len(values) - limit} more)" if len(values) > limit else "")
+
+
+def _image_values(path: Path) -> tuple[np.ndarray, bool]:
+    """(H, W) integer values (palette indices, grey levels, or one channel of a grey RGB image), palette?"""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            array = np.asarray(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise G4SegError(f"cannot read mask {path}: {exc}") from None
+    if mode in ("P", "PA", "LA"):
+        array = array[..., 0] if array.ndim == 3 else array
+    elif mode in ("RGB", "RGBA"):
+        if not (np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(array[..., 0], array[..., 2])):
+            raise G4SegError(f"mask {path} is a colour image; save label maps as palette or grey PNGs")
+        array = array[..., 0]
+    elif mode not in ("1", "L", "I", "I;16", "I;16B", "I;16L"):
+        raise G4SegError(f"mask {path} has unsupported image mode {mode}; use a palette or grey PNG")
+    return array.astype(np.int64), mode in ("P", "PA")
+
+
+def _labels_to_probs(path: Path, labels: np.ndarray, classes: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+    k = len(classes)
+    present = np.unique(labels)
+    outside = [int(v) for v in present if not (0 <= v <= k or v == IGNORE_LABEL)]
+    if outside:
+        raise G4SegError(f"mask {path} has values {_list(outside)} outside the class list (K={k}: 0 = background, "
+                         f"1..{k} = classes, {IGNORE_LABEL} = ignore)")
+    probs = (labels[None] == np.arange(1, k + 1)[:, None, None]).astype(np.float32)
+    ignore = labels == IGNORE_LABEL
+    return probs, ignore if ignore.any() else None
+
+
+def _read_array(path: Path, classes: list[str]) -> np.ndarray:
+    probs, stored = _load_array(path)
+    if probs.dtype.kind not in "biuf":
+        raise G4SegError(f"mask {path} holds {probs.dtype} values; expected probabilities in [0, 1]")
+    probs = probs.astype(np.float32)
+    if probs.ndim == 2:
+        probs = probs[None]
+    if probs.ndim != 3:
+        raise G4SegError(f"mask {path} has shape {probs.shape}; expected (K, H, W) or (H, W)")
+    if stored is not None:
+        probs = _realign(path, probs, stored, classes)
+    elif probs.shape[0] != len(classes):
+        raise G4SegError(f"mask {path} has {probs.shape[0]} probability maps but {len(classes)} classes were given "
+                         f"({_list(classes)})")
+    if not np.isfinite(probs).all():
+        raise G4SegError(f"mask {path} has non-finite probabilities (NaN or inf)")
+    if probs.min() < 0 or probs.max() > 1:
+        raise G4SegError(f"mask {path} has probabilities in [{probs.min():g}, {probs.max():g}]; expected [0, 1]")
+    return probs
+
+
+def _load_array(path: Path) -> tuple[np.ndarray, list[str] | None]:
+    """The probability array and, for an npz that names them, its class names (no pickles)."""
+    import zipfile
+
+    suffix = path.suffix.lower()
+    magic = b"\x93NUMPY" if suffix == ".npy" else b"PK"
+    with open(path, "rb") as handle:
+        if handle.read(len(magic)) != magic:
+            raise G4SegError(f"cannot read mask {path}: not a {suffix} file")
+    try:
+        if suffix == ".npy":
+            return np.load(path, allow_pickle=False), None
+        with np.load(path, allow_pickle=False) as archive:
+            if "probs" not in archive.files:
+                raise G4SegError(f"mask {path} has no 'probs' array (it holds: {_list(archive.files) or 'nothing'})")
+            stored = [str(c) for c in archive["classes"].tolist()] if "classes" in archive.files else None
+            return archive["probs"], stored
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise G4SegError(f"cannot read mask {path}: {exc}".splitlines()[0]) from None
+
+
+def _realign(path: Path, probs: np.ndarray, stored: list[str], classes: list[str]) -> np.ndarray:
+    """Pick and reorder the stored maps so that map k belongs to ``classes[k]``."""
+    if len(stored) != probs.shape[0]:
+        raise G4SegError(f"mask {path} has {probs.shape[0]} probability maps but names {len(stored)} classes")
+    missing = [c for c in classes if c not in stored]
+    if missing:
+        raise G4SegError(f"mask {path} has no probabilities for {_list(missing)} (it holds: {_list(stored)})")
+    return probs[[stored.index(c) for c in classes]]
+
+
+def _build(options: FileMaskOptions, runtime: Runtime) -> FileMaskSource:
+    return FileMaskSource(options)
+
+
+@hookimpl
+def register_mask_sources(register):
+    register(ComponentSpec(kind="mask_source", name="file", aliases=("files",), factory=_build,
+                           options=FileMaskOptions, description="coarse masks from PNG/NPY/NPZ files"))

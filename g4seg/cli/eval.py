@@ -1,0 +1,80 @@
+"""``g4seg eval``: mmseg-exact mIoU of a prediction folder, optionally against the coarse masks."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from g4seg.evaluation import Comparison, EvalResult
+
+console = Console(highlight=False, soft_wrap=True)
+
+
+def _fmt(value: float | None, signed: bool = False) -> str:
+    if value is None or math.isnan(value):
+        return "-"
+    return f"{value:+.2f}" if signed else f"{value:.2f}"
+
+
+def _class_table(result: EvalResult, comparison: Comparison | None) -> Table:
+    table = Table(title=f"{result.dataset}: per-class IoU (%)", title_justify="left")
+    table.add_column("class")
+    table.add_column("IoU", justify="right")
+    if comparison is not None:
+        table.add_column("gain", justify="right")
+    for name, value in result.per_class.items():
+        row = [name, _fmt(value)]
+        if comparison is not None:
+            row.append(_fmt(comparison.class_gain[name], signed=True))
+        table.add_row(*row)
+    return table
+
+
+def _bin_table(comparison: Comparison) -> Table:
+    table = Table(title="gain by coarse per-image IoU (Table VII)", title_justify="left")
+    for column in ("coarse IoU", "images", "share", "mean gain"):
+        table.add_column(column, justify="right")
+    binned = sum(b.count for b in comparison.bins)
+    for b in comparison.bins:
+        share = f"{100.0 * b.count / binned:.1f}%" if binned else "-"
+        table.add_row(b.label, str(b.count), share, _fmt(b.mean_gain, signed=True))
+    return table
+
+
+def eval_command(
+    pred_dir: Annotated[Path, typer.Argument(help="Folder of predicted label maps named <id>.png.",
+                                             show_default=False)],
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset name (g4seg list datasets).",
+                                         show_default=False)],
+    root: Annotated[Path, typer.Option("--root", help="Dataset root folder.", show_default=False)],
+    split: Annotated[str, typer.Option("--split", help="Dataset split.")] = "val",
+    json_file: Annotated[Optional[Path], typer.Option("--json", help="Also write the scores as JSON here.")] = None,
+    compare_dir: Annotated[Optional[Path], typer.Option(
+        "--compare", help="Folder of the coarse masks (<id>.png) to report the gain over.")] = None,
+) -> None:
+    """mIoU as mmsegmentation's IoUMetric computes it (dataset-wide sums, 255 ignored), per class."""
+    from g4seg.evaluation import compare, evaluate
+    from g4seg.io import atomic_write_bytes
+    from g4seg.plugins import registry
+
+    data = registry().get("dataset", dataset).build({"root": root, "split": split})
+    result = evaluate(pred_dir, data)
+    comparison = compare(result, evaluate(compare_dir, data)) if compare_dir is not None else None
+
+    console.print(_class_table(result, comparison))
+    console.print(f"mIoU {_fmt(result.miou)} over {result.images} images ({data.name} {split})")
+    report = result.to_json()
+    if comparison is not None:
+        console.print(f"coarse mIoU {_fmt(comparison.coarse_miou)}, gain {_fmt(comparison.gain, signed=True)}")
+        console.print(_bin_table(comparison))
+        report["compare"] = comparison.to_json()
+    if json_file is not None:
+        atomic_write_bytes(json_file, (json.dumps(report, indent=2) + "\n").encode())
+        console.print(f"wrote {json_file}")

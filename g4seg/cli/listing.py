@@ -1,0 +1,109 @@
+"""``g4seg plugins``, ``g4seg list KIND`` and ``g4seg compat``: what is installed and what fits together."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from g4seg.errors import G4SegError
+from g4seg.registry import KINDS, ComponentSpec
+
+console = Console(highlight=False, soft_wrap=True)
+
+KIND_NAMES = {**{k: k for k in KINDS}, **{f"{k}s": k for k in KINDS}, "mask-source": "mask_source",
+              "mask-sources": "mask_source", "mask_sources": "mask_source"}
+
+
+def _option_rows(spec: ComponentSpec) -> list[dict[str, Any]]:
+    rows = []
+    for name, info in spec.options.model_fields.items():
+        default = None if info.is_required() else info.get_default(call_default_factory=True)
+        rows.append({"name": name, "type": getattr(info.annotation, "__name__", str(info.annotation)),
+                     "default": default, "required": info.is_required(), "description": info.description or ""})
+    return rows
+
+
+def _spec_dict(spec: ComponentSpec, with_options: bool) -> dict[str, Any]:
+    data: dict[str, Any] = {"kind": spec.kind, "name": spec.name, "aliases": list(spec.aliases),
+                            "tags": sorted(spec.tags), "plugin": spec.plugin, "description": spec.description}
+    if with_options:
+        data["options"] = _option_rows(spec)
+    return data
+
+
+def plugins_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Installed plugins, what each registers, and the ones that failed to load."""
+    from g4seg.plugins import load
+
+    reg, report = load()
+    registered: dict[str, list[str]] = {}
+    for spec in reg.all():
+        registered.setdefault(spec.plugin, []).append(f"{spec.kind}:{spec.name}")
+    if as_json:
+        typer.echo(json.dumps({
+            "plugins": [{"name": n, "origin": o, "components": registered.get(n, [])}
+                        for n, o in report.plugins.items()],
+            "broken": report.broken,
+        }, indent=2))
+        return
+    table = Table("plugin", "origin", "components", title="g4seg plugins")
+    for name, origin in report.plugins.items():
+        table.add_row(name, origin, ", ".join(registered.get(name, [])) or "-")
+    for name, message in report.broken.items():
+        table.add_row(f"[red]{name}[/red]", "[red]failed[/red]", message)
+    console.print(table)
+
+
+def list_command(
+    kind: Annotated[str, typer.Argument(help=f"One of: {', '.join(KINDS)} (plural forms accepted).")],
+    pattern: Annotated[str, typer.Argument(help="Shell-style name pattern, e.g. 'sd*'.")] = "*",
+    options: Annotated[bool, typer.Option("--options", help="Show each component's options.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Registered components of one kind, optionally filtered by a wildcard pattern."""
+    from g4seg.plugins import registry
+
+    if kind not in KIND_NAMES:
+        raise G4SegError(f"unknown kind '{kind}' (use one of {', '.join(KINDS)})")
+    specs = registry().list(KIND_NAMES[kind], pattern)
+    if as_json:
+        typer.echo(json.dumps([_spec_dict(s, options) for s in specs], indent=2, default=str))
+        return
+    table = Table("name", "aliases", "tags", "plugin", "description", title=f"{KIND_NAMES[kind]}s")
+    for spec in specs:
+        table.add_row(spec.name, ", ".join(spec.aliases), ", ".join(sorted(spec.tags)), spec.plugin, spec.description)
+    console.print(table)
+    if options:
+        for spec in specs:
+            opts = Table("option", "type", "default", "description", title=f"{spec.name} options")
+            for row in _option_rows(spec):
+                opts.add_row(row["name"], row["type"], "required" if row["required"] else repr(row["default"]),
+                             row["description"])
+            console.print(opts)
+
+
+def compat_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    injector: Annotated[Optional[str], typer.Option(help="Only this injector.")] = None,
+) -> None:
+    """The injector x backbone compatibility table declared by the plugins."""
+    from g4seg.plugins import registry
+    from g4seg.registry import incompatibility
+
+    reg = registry()
+    injectors = [reg.get("injector", injector)] if injector else reg.list("injector")
+    backbones = reg.list("backbone")
+    cells = {i.name: {b.name: incompatibility(i, b) for b in backbones} for i in injectors}
+    if as_json:
+        typer.echo(json.dumps({i: {b: (r is None) for b, r in row.items()} for i, row in cells.items()}, indent=2))
+        return
+    table = Table("injector", *[b.name for b in backbones], title="supported pairs")
+    for name, row in cells.items():
+        table.add_row(name, *["yes" if r is None else "[red]no[/red]" for r in row.values()])
+    console.print(table)

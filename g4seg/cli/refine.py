@@ -1,0 +1,125 @@
+"""``g4seg refine``: one image, several images, a folder, or a dataset split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from g4seg.errors import G4SegError
+from g4seg.io import IMAGE_SUFFIXES
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def collect_items(inputs: list[Path], mask: Path | None) -> list:
+    """Work items for image files and folders; a folder ``mask`` is searched by the image's stem."""
+    from g4seg.runner import WorkItem, find_mask
+
+    images: list[Path] = []
+    for path in inputs:
+        if path.is_dir():
+            images.extend(_images_in(path))
+        elif path.exists():
+            images.append(path)
+        else:
+            raise G4SegError(f"input not found: {path}")
+    if not images:
+        raise G4SegError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {', '.join(map(str, inputs))}")
+    stems = [p.stem for p in images]
+    if len(set(stems)) != len(stems):
+        raise G4SegError("two inputs share a file name stem; outputs would collide: "
+                         + ", ".join(sorted({s for s in stems if stems.count(s) > 1})))
+    if mask is None:
+        raise G4SegError("--mask is required (a mask file, or a folder of masks named like the images)")
+    if not mask.exists():
+        raise G4SegError(f"mask not found: {mask}")
+    if mask.is_file() and len(images) > 1:
+        raise G4SegError("several images need --mask to be a folder holding one mask per image stem")
+    return [WorkItem(p.stem, p, mask if mask.is_file() else find_mask(mask, p.stem)) for p in images]
+
+
+def dataset_items(name: str, root: Path | None, split: str | None, coarse: Path | None) -> tuple[list, list[str]]:
+    """Work items and class names of a dataset split, after checking its layout."""
+    from g4seg import runner
+    from g4seg.plugins import registry
+
+    if root is None or split is None or coarse is None:
+        raise G4SegError("--dataset needs --root, --split and --coarse")
+    dataset = registry().get("dataset", name).build({"root": root, "split": split})
+    dataset.check()
+    return runner.dataset_items(dataset, coarse), list(dataset.classes)
+
+
+def refine_command(
+    out: Annotated[Path, typer.Option("--out", help="Output folder.", show_default=False)],
+    inputs: Annotated[Optional[list[Path]], typer.Argument(help="Image files or folders.", show_default=False)] = None,
+    mask: Annotated[Optional[Path], typer.Option(help="Coarse mask file (PNG/NPY/NPZ) or folder of masks by stem.")] = None,
+    classes: Annotated[Optional[str], typer.Option(help="Class names, comma-separated, in mask order.")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Dataset name (g4seg list datasets) instead of INPUT.")] = None,
+    root: Annotated[Optional[Path], typer.Option(help="Dataset root folder.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Dataset split, e.g. val.")] = None,
+    coarse: Annotated[Optional[Path], typer.Option(help="Folder of coarse masks named <id>.png/.npz/.npy.")] = None,
+    backbone: Annotated[Optional[str], typer.Option(help="Backbone [default: sd21].")] = None,
+    injector: Annotated[Optional[str], typer.Option(help="Injector [default: attn].")] = None,
+    extractor: Annotated[Optional[str], typer.Option(help="Feature extractor [default: clip].")] = None,
+    postprocessor: Annotated[Optional[str], typer.Option(help="Optional post-processor.")] = None,
+    timestep: Annotated[Optional[int], typer.Option(help="Noising step t_s [default: 400].")] = None,
+    beta: Annotated[Optional[float], typer.Option(help="Mixing coefficient [default: 0.8].")] = None,
+    cf: Annotated[Optional[str], typer.Option(help="Confidence band LO,HI [default: 0.2,0.6].")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Noise seed [default: 0].")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda:N [default: auto].")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="auto, fp16, bf16 or fp32 [default: auto].")] = None,
+    offline: Annotated[bool, typer.Option("--offline", help="Never contact the Hugging Face Hub.")] = False,
+    option: Annotated[Optional[list[str]], typer.Option("-o", "--option", help="COMPONENT.KEY=VALUE, repeatable.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="TOML config file; flags override it.")] = None,
+    save_generated: Annotated[bool, typer.Option("--save-generated", help="Also save the generated images.")] = False,
+    save_overlay: Annotated[bool, typer.Option("--save-overlay", help="Also save label overlays.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo images already done.")] = False,
+    fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first failing image.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Refine coarse masks: writes OUT/<stem>.png (label map) and OUT/<stem>.npz (probabilities)."""
+    from g4seg.config import load_config, parse_overrides
+    from g4seg.runtime import set_offline
+
+    set_offline(offline)
+    band = None
+    if cf is not None:
+        try:
+            lo, hi = (float(v) for v in cf.split(","))
+        except ValueError:
+            raise G4SegError(f"--cf must be LO,HI (e.g. 0.2,0.6), got '{cf}'") from None
+        band = (lo, hi)
+    options = parse_overrides(option or [])
+    cfg = load_config(
+        config, backbone=backbone, injector=injector, extractor=extractor, postprocessor=postprocessor,
+        timestep=timestep, beta=beta, cf=band, seed=seed, device=device, dtype=dtype,
+        offline=offline or None, options=options or None,
+    )
+    if dataset is not None:
+        if inputs:
+            raise G4SegError("give either INPUT images or --dataset, not both")
+        items, class_names = dataset_items(dataset, root, split, coarse)
+    else:
+        if not inputs:
+            raise G4SegError("give INPUT images/folders, or --dataset with --root/--split/--coarse")
+        class_names = [c.strip() for c in (classes or "").split(",") if c.strip()]
+        if not class_names:
+            raise G4SegError("--classes is required (comma-separated class names in mask order)")
+        items = collect_items(inputs, mask)
+
+    from g4seg import runner
+    from g4seg.sharding import current_shard
+
+    summary = runner.run(items, out, cfg, class_names, overwrite=overwrite, fail_fast=fail_fast,
+                         save_generated=save_generated, save_overlay=save_overlay, progress=progress)
+    shard = current_shard()
+    prefix = f"rank {shard.rank}: " if shard.world_size > 1 else ""
+    typer.echo(f"{prefix}done {summary.done}, skipped {summary.skipped}, failed {summary.failed} -> {summary.out_dir}")
+    for stem, message in summary.errors.items():
+        typer.echo(f"  {stem}: {message}", err=True)
+    if summary.failed:
+        raise typer.Exit(1)

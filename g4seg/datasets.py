@@ -1,0 +1,211 @@
+"""What every dataset plugin shares: class-name files, index PNGs, the layout check, the label convention.
+
+g4seg's label convention, used by label files after :meth:`SegDataset.load_label`, by coarse masks and by
+refined predictions alike: 0 = background, ``i`` = ``classes[i - 1]``, 255 = ignore.
+
+The metric works in mmsegmentation's index space, which differs only for datasets without a background
+class (``has_background = False``, e.g. context59): there class ``i`` is index ``i - 1`` and a
+prediction of background (0) belongs to no class (mmseg's ``histc`` drops it), so it only counts as a miss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from pydantic import Field
+
+from g4seg.errors import G4SegError
+from g4seg.registry import Options
+
+IGNORE_INDEX = 255
+SHOWN_MISSING = 5  # how many missing names a layout error spells out
+
+
+class DatasetOptions(Options):
+    """Where the dataset lives; each dataset narrows ``split`` to the splits it knows."""
+
+    root: Path = Field(description="dataset root folder (layouts: docs/evaluation.md)")
+    split: str = Field("val", description="which split to read")
+
+
+def read_class_file(name: str) -> list[list[str]]:
+    """Synonym lists from ``g4seg/data/<name>``: one class per line, comma-separated, '#' comments.
+
+    The first synonym of a line is the class name used in prompts and tables; the rest are kept so a
+    mask source can match other spellings.
+    """
+    text = resources.files("g4seg").joinpath("data", name).read_text(encoding="utf-8")
+    synonyms = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            synonyms.append([word.strip() for word in line.split(",") if word.strip()])
+    return synonyms
+
+
+def read_index_png(path: Path) -> np.ndarray:
+    """(H, W) uint8 class indices of a palette ('P') or grey ('L') PNG, never colours."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            if img.mode in ("P", "L"):
+                return np.asarray(img, dtype=np.uint8).copy()
+            if img.mode in ("I", "I;16"):
+                values = np.asarray(img)
+                if values.min() < 0 or values.max() > 255:
+                    raise G4SegError(f"{path}: label values must lie in 0..255, found {values.min()}..{values.max()}")
+                return values.astype(np.uint8)
+            raise G4SegError(f"{path}: expected a palette or greyscale PNG of class indices, got mode {img.mode}")
+    except FileNotFoundError:
+        raise G4SegError(f"label file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise G4SegError(f"cannot read label file {path}: {exc}") from None
+
+
+def missing_summary(what: str, missing: list[str], total: int, where: Path) -> str:
+    """'3 of 10 images missing under ROOT/JPEGImages (a.jpg, b.jpg, c.jpg)' with at most a few names."""
+    shown = ", ".join(missing[:SHOWN_MISSING]) + (", ..." if len(missing) > SHOWN_MISSING else "")
+    return f"{len(missing)} of {total} {what} missing under {where} ({shown})"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one split's files are, relative to the root.
+
+    ``split_files`` are candidate list files (the first that exists is used); when empty, the ids are
+    the stems of the images found in ``image_dir``, as mmseg does for datasets without an ann_file.
+    """
+
+    image_dir: str
+    label_dir: str
+    split_files: tuple[str, ...] = ()
+    image_suffix: str = ".jpg"
+    label_suffix: str = ".png"
+
+
+class SegDataset:
+    """A dataset split laid out on disk: ids, image and label paths, the layout check, labels.
+
+    Subclasses set ``name``, ``class_file``, ``has_background`` and ``layouts`` (split -> Layout), and
+    override :meth:`_convert_label` when the files differ from g4seg's label convention.
+    """
+
+    name: str = ""
+    class_file: str = ""
+    has_background: bool = True
+    layouts: dict[str, Layout] = {}
+
+    def __init__(self, root: Path, split: str) -> None:
+        self.root = Path(root).expanduser()
+        self.split = split
+        self.layout = self.layouts[split]
+        self.synonyms = read_class_file(self.class_file)
+        self.classes = [names[0] for names in self.synonyms]
+        self._ids: list[str] | None = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r})"
+
+    @property
+    def metric_classes(self) -> list[str]:
+        """Class names in metric index order: background first when it counts as a class."""
+        return (["background"] if self.has_background else []) + self.classes
+
+    @property
+    def image_dir(self) -> Path:
+        return self.root / self.layout.image_dir
+
+    @property
+    def label_dir(self) -> Path:
+        return self.root / self.layout.label_dir
+
+    def split_file(self) -> Path | None:
+        """The first existing candidate list file, or None (also when the split has none)."""
+        for name in self.layout.split_files:
+            if (self.root / name).is_file():
+                return self.root / name
+        return None
+
+    def ids(self) -> list[str]:
+        """Sorted image ids of the split (from its list file, or the image folder when it has none)."""
+        if self._ids is None:
+            if self.layout.split_files:
+                path = self.split_file()
+                if path is None:
+                    raise G4SegError(self._where() + ": " + self._missing_split_file())
+                names = path.read_text().split()
+            elif self.image_dir.is_dir():
+                suffix = self.layout.image_suffix
+                names = [p.name[: -len(suffix)] for p in self.image_dir.iterdir() if p.name.endswith(suffix)]
+            else:
+                raise G4SegError(f"{self._where()}: image folder {self.image_dir} not found")
+            self._ids = sorted(set(names))
+        return list(self._ids)
+
+    def image_path(self, id: str) -> Path:
+        return self.image_dir / f"{id}{self.layout.image_suffix}"
+
+    def label_path(self, id: str) -> Path:
+        return self.label_dir / f"{id}{self.layout.label_suffix}"
+
+    def check(self) -> None:
+        """Raise one G4SegError naming everything missing: root, split file, images, labels."""
+        if not self.root.is_dir():
+            raise G4SegError(f"{self._where()}: root folder not found")
+        if self.layout.split_files and self.split_file() is None:
+            raise G4SegError(f"{self._where()}: {self._missing_split_file()}")
+        if not self.layout.split_files and not self.image_dir.is_dir():
+            raise G4SegError(f"{self._where()}: image folder {self.image_dir} not found")
+        ids = self.ids()
+        if not ids:
+            source = self.split_file() or self.image_dir
+            raise G4SegError(f"{self._where()}: no image ids found in {source}")
+        problems = []
+        images = [self.image_path(i).name for i in ids if not self.image_path(i).is_file()]
+        if images:
+            problems.append(missing_summary("images", images, len(ids), self.image_dir))
+        labels = [self.label_path(i).name for i in ids if not self.label_path(i).is_file()]
+        if labels:
+            problems.append(missing_summary("labels", labels, len(ids), self.label_dir))
+        if problems:
+            raise G4SegError(f"{self._where()}: " + "; ".join(problems))
+
+    def load_image(self, id: str) -> np.ndarray:
+        from g4seg.io import load_image
+
+        return load_image(self.image_path(id))
+
+    def load_label(self, id: str) -> np.ndarray:
+        """(H, W) uint8 in g4seg's convention: 0 background, i = classes[i-1], 255 ignore."""
+        return self._convert_label(read_index_png(self.label_path(id)))
+
+    def image_labels(self, id: str) -> list[int]:
+        """The foreground labels (1..K) present in the image: the image-level labels WSSS methods use."""
+        values = np.unique(self.load_label(id))
+        return [int(v) for v in values if 1 <= v <= len(self.classes)]
+
+    def to_metric(self, labels: np.ndarray) -> np.ndarray:
+        """g4seg labels -> mmseg metric indices (int16); 255 stays the ignore index.
+
+        Without a background class, label i becomes i - 1 and background becomes -1, which no class
+        bin counts, exactly like mmseg's reduce_zero_label followed by ``histc``.
+        """
+        out = labels.astype(np.int16)
+        if not self.has_background:
+            out -= 1
+            out[labels == IGNORE_INDEX] = IGNORE_INDEX
+        return out
+
+    def _convert_label(self, raw: np.ndarray) -> np.ndarray:
+        return raw
+
+    def _where(self) -> str:
+        return f"dataset {self.name} (split {self.split}) at {self.root}"
+
+    def _missing_split_file(self) -> str:
+        names = " or ".join(str(self.root / n) for n in self.layout.split_files)
+        return f"split file {names} not found"

@@ -1,0 +1,158 @@
+"""Score a folder of predicted label maps against a dataset split, and compare two such folders.
+
+Predictions are palette or grey PNGs named ``<id>.png`` in g4seg's label convention (0 background,
+i = classes[i-1], 255 ignore) -- what ``g4seg refine`` writes and what SCLIP/mmseg save with
+``output_dir`` set. They must have the label's size (mmseg resizes logits to it before the argmax).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from g4seg.datasets import SegDataset, missing_summary, read_index_png
+from g4seg.errors import G4SegError
+from g4seg.metrics import Areas, IoUAccumulator, image_iou, intersect_and_union, iou_percent, mean_iou
+
+# Table VII's strata of the coarse mask's per-image IoU, in percent; the last one includes 100.
+GAIN_BINS = ((0.0, 40.0), (40.0, 80.0), (80.0, 100.0))
+
+
+def _nan_to_none(value: float) -> float | None:
+    return None if math.isnan(value) else float(value)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Dataset-level mIoU (mmseg's), per-class IoU and per-image IoU, all in percent."""
+
+    dataset: str
+    classes: list[str]  # metric classes: background first when the dataset scores it
+    per_image: dict[str, float]  # id -> per-image IoU (see g4seg.metrics.image_iou)
+    total: Areas = field(repr=False)  # dataset-wide per-class pixel counts
+
+    @property
+    def iou(self) -> np.ndarray:
+        """(K,) per-class IoU in percent, NaN where the union is zero."""
+        return iou_percent(self.total)
+
+    @property
+    def miou(self) -> float:
+        return mean_iou(self.total)
+
+    @property
+    def per_class(self) -> dict[str, float | None]:
+        return {name: _nan_to_none(value) for name, value in zip(self.classes, self.iou)}
+
+    @property
+    def images(self) -> int:
+        return len(self.per_image)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mIoU": _nan_to_none(self.miou), "per_class": self.per_class, "images": self.images}
+
+
+@dataclass(frozen=True)
+class GainBin:
+    """Images whose coarse per-image IoU lies in [low, high) (the last bin includes 100)."""
+
+    low: float
+    high: float
+    count: int
+    mean_gain: float | None  # mean of refined minus coarse per-image IoU, in points; None when empty
+
+    @property
+    def label(self) -> str:
+        return f"{self.low:g}-{self.high:g}"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A refined result against the coarse masks it started from (Table VII's stratified gains)."""
+
+    miou: float
+    coarse_miou: float
+    bins: list[GainBin]
+    class_gain: dict[str, float | None]  # refined minus coarse IoU per class, in points
+
+    @property
+    def gain(self) -> float:
+        return self.miou - self.coarse_miou
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "coarse_mIoU": _nan_to_none(self.coarse_miou),
+            "gain": _nan_to_none(self.gain),
+            "bins": [{"range": b.label, "count": b.count, "mean_gain": b.mean_gain} for b in self.bins],
+        }
+
+
+def _prediction_path(pred_dir: Path, id: str) -> Path:
+    return pred_dir / f"{id}.png"
+
+
+def _check_predictions(pred_dir: Path, ids: list[str]) -> None:
+    if not pred_dir.is_dir():
+        raise G4SegError(f"prediction folder not found: {pred_dir}")
+    missing = [f"{i}.png" for i in ids if not _prediction_path(pred_dir, i).is_file()]
+    if missing:
+        raise G4SegError(missing_summary("predictions", missing, len(ids), pred_dir)
+                         + "; predictions must be named <id>.png for every id of the split")
+
+
+def _score_image(pred_dir: Path, dataset: SegDataset, id: str, num_classes: int) -> Areas:
+    pred = read_index_png(_prediction_path(pred_dir, id))
+    label = dataset.load_label(id)
+    if pred.shape != label.shape:
+        raise G4SegError(f"{_prediction_path(pred_dir, id)} is {pred.shape[1]}x{pred.shape[0]} but its label "
+                         f"{dataset.label_path(id)} is {label.shape[1]}x{label.shape[0]}; "
+                         "save predictions at the label's size")
+    return intersect_and_union(dataset.to_metric(pred), dataset.to_metric(label), num_classes)
+
+
+def evaluate(pred_dir: Path, dataset: SegDataset, workers: int | None = None) -> EvalResult:
+    """Check the dataset layout and the predictions, then score every id of the split.
+
+    PNG decoding releases the GIL, so a few threads read files in parallel; counts are integers, so
+    the sum does not depend on the order.
+    """
+    pred_dir = Path(pred_dir)
+    dataset.check()
+    ids = dataset.ids()
+    _check_predictions(pred_dir, ids)
+    classes = dataset.metric_classes
+    accumulator = IoUAccumulator(len(classes))
+    per_image: dict[str, float] = {}
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        scored = pool.map(lambda i: _score_image(pred_dir, dataset, i, len(classes)), ids)
+        for id, areas in zip(ids, scored):
+            accumulator.add(areas)
+            per_image[id] = image_iou(areas)
+    return EvalResult(dataset.name, classes, per_image, accumulator.total)
+
+
+def compare(refined: EvalResult, coarse: EvalResult) -> Comparison:
+    """Coarse vs refined mIoU, and the mean per-image gain stratified by the coarse per-image IoU.
+
+    Images whose per-image IoU is undefined in either result (every pixel ignored) join no bin.
+    """
+    if refined.classes != coarse.classes or refined.per_image.keys() != coarse.per_image.keys():
+        raise G4SegError("refined and coarse results cover different classes or images; "
+                         "evaluate both on the same dataset split")
+    gains: list[list[float]] = [[] for _ in GAIN_BINS]
+    for id, before in coarse.per_image.items():
+        after = refined.per_image[id]
+        if math.isnan(before) or math.isnan(after):
+            continue
+        index = next(k for k, (low, high) in enumerate(GAIN_BINS) if before < high or k == len(GAIN_BINS) - 1)
+        gains[index].append(after - before)
+    bins = [GainBin(low, high, len(g), float(np.mean(g)) if g else None) for (low, high), g in zip(GAIN_BINS, gains)]
+    class_gain = {name: _nan_to_none(r - c) for name, r, c in zip(refined.classes, refined.iou, coarse.iou)}
+    return Comparison(refined.miou, coarse.miou, bins, class_gain)

@@ -1,0 +1,140 @@
+"""The run folder's bookkeeping: one JSON line per finished image, and the hash of what was computed.
+
+Manifests are append-only (each line flushed and fsynced), so a killed run loses at most the image it
+was working on. Several processes never share a manifest file: a sharded run writes one per rank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+from g4seg.config import COMPONENT_KINDS, RefineConfig
+from g4seg.plugins import registry
+
+MANIFEST_GLOB = "manifest*.jsonl"
+# Settings that choose where or how fast the work runs, not what it computes.
+UNHASHED = frozenset({"device", "offline", "class_batch"})
+
+
+@dataclass
+class Entry:
+    """One finished image: ``status`` is "done" or "error"; ``outputs`` are paths relative to the folder.
+
+    ``image`` and ``mask`` are absolute input paths, so a rerun on other inputs under the same stem
+    redoes the image; ``saved`` names the optional outputs written ("generated", "overlay").
+    """
+
+    stem: str
+    status: str
+    seconds: float
+    error: str | None
+    config_hash: str
+    rank: int
+    time: float
+    image: str | None = None
+    mask: str | None = None
+    outputs: list[str] = field(default_factory=list)
+    saved: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_line(cls, line: str) -> "Entry | None":
+        """Parse one manifest line; None for a line cut short by a kill or otherwise unreadable."""
+        try:
+            data = json.loads(line)
+            known = {f.name for f in fields(cls)}
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except (ValueError, TypeError):
+            return None
+
+
+class ManifestWriter:
+    """Appends entries to one manifest file, each durable before the next image starts."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        ends_cleanly = True
+        if self.path.exists() and self.path.stat().st_size > 0:
+            with self.path.open("rb") as handle:
+                handle.seek(-1, os.SEEK_END)
+                ends_cleanly = handle.read(1) == b"\n"
+        self._handle = self.path.open("a", encoding="utf-8")
+        if not ends_cleanly:  # a kill cut the last line short: never glue the next entry onto it
+            self._handle.write("\n")
+
+    def append(self, entry: Entry) -> None:
+        self._handle.write(json.dumps(asdict(entry)) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> "ManifestWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_entries(out_dir: Path) -> list[Entry]:
+    """Every readable entry of every manifest in ``out_dir`` (all ranks, all earlier runs)."""
+    entries = []
+    for path in sorted(Path(out_dir).glob(MANIFEST_GLOB)):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            entry = Entry.from_line(line) if line.strip() else None
+            if entry is not None:
+                entries.append(entry)
+    return entries
+
+
+def latest_entries(out_dir: Path) -> dict[str, Entry]:
+    """The most recent entry per stem, whichever manifest (rank, world size) it is in."""
+    latest: dict[str, Entry] = {}
+    for entry in read_entries(out_dir):
+        if entry.stem not in latest or entry.time >= latest[entry.stem].time:
+            latest[entry.stem] = entry
+    return latest
+
+
+def hashed_settings(config: RefineConfig, classes: Sequence[str], dtype: str) -> dict[str, Any]:
+    """Every setting that changes the outputs, fully resolved.
+
+    Component names become their canonical names and component options are validated by the
+    component's Options model with defaults filled in, so ``-o key=0.5`` (a string) and ``key = 0.5``
+    in TOML, or an alias and its name, hash the same. ``dtype`` is the resolved one (fp16 and fp32
+    give different numbers); device, offline mode and class batching are left out.
+    """
+    reg = registry()
+    data = config.model_dump(mode="json", exclude=set(UNHASHED | {"options", "dtype", *COMPONENT_KINDS}))
+    data["dtype"] = dtype
+    data["classes"] = list(classes)
+    for kind in COMPONENT_KINDS:
+        name = getattr(config, kind)
+        if name is None:
+            data[kind] = None
+            continue
+        spec = reg.get(kind, name)
+        options = spec.parse_options(config.component_options(kind)).model_dump(mode="json")
+        data[kind] = {"name": spec.name, "options": options}
+    return data
+
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """``["timestep: 400 -> 300", "injector.options.rule: 'dense' -> 'eq5'"]`` between two settings."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes.extend(differences(a, b, f"{prefix}{key}."))
+        elif a != b:
+            changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return changes

