@@ -53,7 +53,7 @@ def resolve_model_ref(text: str, option: str = "model") -> ModelRef:
     if text.startswith(LOCAL_PREFIX):
         folder = Path(text[len(LOCAL_PREFIX):]).expanduser()
         if not folder.is_dir():
-            raise G4SegError(f"model folder '{folder}' (from {option}='{text}') does not exist: "
+            raise G4SegError(f"model folder '{folder}' (from {option}='{text}') is not an existing folder: "
                              f"pass an existing folder or a Hub id such as org/name")
         return ModelRef(text, str(folder.resolve()), local=True)
     path = Path(text).expanduser()
