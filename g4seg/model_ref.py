@@ -9,6 +9,7 @@ option that selects another one. Nothing heavy is imported at module level.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, TypeVar
@@ -91,7 +92,10 @@ def load_pretrained(loader: type[T], ref: ModelRef, *, subfolder: str | None = N
     revision = None if ref.local else revision  # a folder has no revisions
     from_pretrained = loader.from_pretrained  # type: ignore[attr-defined]
     try:
-        result = from_pretrained(ref.location, revision=revision, local_files_only=local_only, **kwargs)
+        with warnings.catch_warnings():
+            # diffusers still passes a deprecated hf_hub_download argument; the warning is not the user's concern
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+            result = from_pretrained(ref.location, revision=revision, local_files_only=local_only, **kwargs)
     except (OSError, ValueError) as exc:
         raise G4SegError(_message(ref, _reason(exc, subfolder, revision), option)) from exc
     if isinstance(result, PreTrainedTokenizerBase) and len(result) <= len(result.all_special_tokens):

@@ -140,8 +140,13 @@ def _check_stems(items: Sequence[WorkItem]) -> None:
 
 
 def _check_same_config(out_dir: Path, ident: _Identity, latest: dict[str, Entry]) -> None:
-    """A folder made with other settings is never mixed into: the user must say --overwrite."""
+    """Finished images of other settings are never mixed into: the user must say --overwrite.
+
+    A folder whose recorded config differs but that holds no finished image under another hash (a run
+    that stopped before its first image, e.g. on a wrong model path) is simply reused.
+    """
     path = out_dir / CONFIG_FILE
+    recorded: dict[str, Any] = {}
     if path.exists():
         try:
             recorded = json.loads(path.read_text(encoding="utf-8"))
@@ -149,12 +154,11 @@ def _check_same_config(out_dir: Path, ident: _Identity, latest: dict[str, Entry]
             raise G4SegError(f"{path} is not valid JSON; use --overwrite to start this folder afresh") from None
         if recorded.get("config_hash") == ident.config_hash:
             return
-        changed = differences(recorded.get("settings", {}), ident.settings)
-        detail = "; ".join(changed[:3]) + ("; ..." if len(changed) > 3 else "") if changed else "settings differ"
-    elif any(e.config_hash != ident.config_hash for e in latest.values()):
-        detail = "its manifest records another configuration hash"
-    else:
+    if not any(e.status == "done" and e.config_hash != ident.config_hash for e in latest.values()):
         return
+    changed = differences(recorded.get("settings", {}), ident.settings) if recorded else []
+    detail = "; ".join(changed[:3]) + ("; ..." if len(changed) > 3 else "") if changed else \
+        "its manifest records another configuration hash"
     raise G4SegError(f"output folder {out_dir} holds a run with a different configuration ({detail}); "
                      "use --overwrite to redo it, or another --out")
 

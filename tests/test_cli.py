@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+from pathlib import Path
 import sys
 
 import numpy as np
@@ -144,3 +145,51 @@ def test_doctor_smoke():
     result = _invoke("doctor", "--smoke")
     assert result.exit_code == 0, result.output
     assert "smoke test passed" in result.output and "torch" in result.output
+
+
+def test_refine_a_dataset_split_then_evaluate(tmp_path, config_file):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_ablation import IDS, make_voc, voc_miou
+
+    voc, coarse = make_voc(tmp_path)
+    out = tmp_path / "refined"
+    result = _invoke("refine", "--dataset", "voc12", "--root", voc, "--split", "val", "--coarse", coarse,
+                     "--out", out, "--config", config_file, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.stem for p in out.glob("*.png")) == sorted(IDS)
+    assert np.load(out / f"{IDS[0]}.npz")["probs"].shape == (20, 32, 40)
+    report = tmp_path / "eval.json"
+    evaluated = _invoke("eval", out, "--dataset", "voc12", "--root", voc, "--split", "val", "--json", report)
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(report.read_text())["mIoU"] == pytest.approx(voc_miou(out, voc), abs=1e-6)
+    missing = _invoke("refine", "--dataset", "voc12", "--root", tmp_path / "nowhere", "--split", "val",
+                      "--coarse", coarse, "--out", out, "--config", config_file)
+    assert missing.exit_code == 1 and missing.output.count("g4seg: error:") == 1
+
+
+def test_an_unavailable_model_is_one_line_naming_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    image, mask, _ = _scene(tmp_path)
+    result = _invoke("refine", image, "--mask", mask, "--classes", "cat,dog", "--out", tmp_path / "out", "--offline",
+                     "--device", "cpu", "-o", "backbone.model=g4seg-tests/no-such-model", "--no-progress")
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == (
+        "g4seg: error: model 'g4seg-tests/no-such-model' could not be loaded (not in the local Hub cache and the "
+        "Hub is unreachable/offline): download it once while online, or pass "
+        "-o backbone.model=local-dir:/path/to/folder")
+
+
+def test_the_example_plugin_extractor_refines(tmp_path, tiny_sd_dir):
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version("g4seg-rgbxy")
+    except PackageNotFoundError:
+        pytest.skip("the example plugin is not installed (pip install -e plugins/g4seg-rgbxy)")
+    image, mask, _ = _scene(tmp_path)
+    result = _invoke("refine", image, "--mask", mask, "--classes", "cat,dog", "--out", tmp_path / "out",
+                     "--extractor", "rgbxy", "-o", "extractor.patch_size=8", "-o", f"backbone.model=local-dir:{tiny_sd_dir}",
+                     "--device", "cpu", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["config"]["extractor"] == "rgbxy"
+    assert np.load(tmp_path / "out" / "img.npz")["probs"].shape == (2, 40, 48)

@@ -199,6 +199,20 @@ def test_a_changed_config_is_refused_and_overwrite_redoes_everything(fakes, tmp_
     assert (again.done, again.skipped) == (0, 2)
 
 
+def test_a_run_that_failed_before_its_first_image_does_not_lock_the_folder(fakes, tmp_path):
+    items = make_data(tmp_path / "data", 2)
+    out = tmp_path / "out"
+
+    def missing_model():
+        raise G4SegError("model 'x' could not be loaded")
+
+    with pytest.raises(G4SegError, match="could not be loaded"):
+        run(items, out, make_config(timestep=300), CLASSES, build_refiner=missing_model, progress=False)
+    summary = run(items, out, make_config(), CLASSES, build_refiner=FakeRefiner, progress=False)
+    assert (summary.done, summary.skipped) == (2, 0)
+    assert json.loads((out / "config.json").read_text())["config"]["timestep"] == 400
+
+
 def test_config_hash_covers_outputs_not_placement(fakes, tmp_path):
     items = make_data(tmp_path / "data", 1)
     out = tmp_path / "out"
