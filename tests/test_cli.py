@@ -193,3 +193,14 @@ def test_the_example_plugin_extractor_refines(tmp_path, tiny_sd_dir):
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "out" / "config.json").read_text())["config"]["extractor"] == "rgbxy"
     assert np.load(tmp_path / "out" / "img.npz")["probs"].shape == (2, 40, 48)
+
+
+def test_every_setting_has_a_refine_flag_of_the_same_name():
+    import typer.main
+
+    from g4seg.config import RefineConfig
+
+    command = typer.main.get_command(app).commands["refine"]
+    flags = {opt.lstrip("-").replace("-", "_") for p in command.params for opt in p.opts if opt.startswith("-")}
+    assert set(RefineConfig.model_fields) - {"options"} <= flags
+    assert {"o", "option"} <= flags  # component options: -o COMPONENT.KEY=VALUE
