@@ -107,3 +107,21 @@ def test_incompatibility_is_declared_by_tags():
                              tags=frozenset({"requires:unet-attention"}))
     assert incompatibility(injector, backbone) is None
     assert "needs unet-attention" in incompatibility(injector, bare)
+
+
+def test_g4seg_plugins_lists_a_broken_plugin_and_still_works(fresh_load, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from g4seg.cli import app
+
+    monkeypatch.delenv("G4SEG_STRICT_PLUGINS", raising=False)
+    fresh_load(EntryPoint("broken", "g4seg_no_such_module_xyz", "g4seg"))
+    result = CliRunner().invoke(app, ["plugins", "--json"])
+    assert result.exit_code == 0
+    listed = json.loads(result.stdout)
+    assert "g4seg_no_such_module_xyz" in listed["broken"]["broken"]
+    assert any(p["name"] == "backbone_sd" for p in listed["plugins"])
+    table = CliRunner().invoke(app, ["plugins"])
+    assert table.exit_code == 0 and "failed" in table.stdout
