@@ -29,7 +29,8 @@ def _scene(folder, stem="img", size=(48, 40)):
     w, h = size
     yy, xx = np.mgrid[:h, :w]
     disc = (yy - h / 2) ** 2 + (xx - w / 2) ** 2 < (h / 3) ** 2
-    Image.fromarray(np.where(disc[..., None], [220, 40, 40], [20, 90, 200]).astype(np.uint8)).save(folder / f"{stem}.jpg")
+    image = np.where(disc[..., None], [220, 40, 40], [20, 90, 200]).astype(np.uint8)
+    Image.fromarray(image).save(folder / f"{stem}.jpg")
     labels = np.zeros((h, w), np.uint8)
     labels[h // 4: 3 * h // 4, w // 5: w // 2] = 1
     labels[h // 4: 3 * h // 4, w // 2: 4 * w // 5] = 2
@@ -188,8 +189,8 @@ def test_the_example_plugin_extractor_refines(tmp_path, tiny_sd_dir):
         pytest.skip("the example plugin is not installed (pip install -e plugins/g4seg-rgbxy)")
     image, mask, _ = _scene(tmp_path)
     result = _invoke("refine", image, "--mask", mask, "--classes", "cat,dog", "--out", tmp_path / "out",
-                     "--extractor", "rgbxy", "-o", "extractor.patch_size=8", "-o", f"backbone.model=local-dir:{tiny_sd_dir}",
-                     "--device", "cpu", "--no-progress")
+                     "--extractor", "rgbxy", "-o", "extractor.patch_size=8",
+                     "-o", f"backbone.model=local-dir:{tiny_sd_dir}", "--device", "cpu", "--no-progress")
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "out" / "config.json").read_text())["config"]["extractor"] == "rgbxy"
     assert np.load(tmp_path / "out" / "img.npz")["probs"].shape == (2, 40, 48)

@@ -56,7 +56,9 @@ def dataset_items(name: str, root: Path | None, split: str | None, coarse: Path 
 def refine_command(
     out: Annotated[Path, typer.Option("--out", help="Output folder.", show_default=False)],
     inputs: Annotated[Optional[list[Path]], typer.Argument(help="Image files or folders.", show_default=False)] = None,
-    mask: Annotated[Optional[Path], typer.Option(help="Coarse mask file (PNG/NPY/NPZ) or folder of masks by stem.")] = None,
+    mask: Annotated[
+        Optional[Path], typer.Option(help="Coarse mask file (PNG/NPY/NPZ) or folder of masks by stem.")
+    ] = None,
     classes: Annotated[Optional[str], typer.Option(help="Class names, comma-separated, in mask order.")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="Dataset name (g4seg list datasets) instead of INPUT.")] = None,
     root: Annotated[Optional[Path], typer.Option(help="Dataset root folder.")] = None,
@@ -71,15 +73,25 @@ def refine_command(
     beta: Annotated[Optional[float], typer.Option(help="Mixing coefficient; default 0.8.")] = None,
     cf: Annotated[Optional[str], typer.Option(help="Confidence band LO,HI; default 0.2,0.6.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Noise seed; default 0.")] = None,
-    prompt: Annotated[Optional[str], typer.Option(help="Prompt template with {} for the class; default 'a photo of {}'.")] = None,
+    prompt: Annotated[
+        Optional[str], typer.Option(help="Prompt template with {} for the class; default 'a photo of {}'.")
+    ] = None,
     resolution: Annotated[Optional[int], typer.Option(help="Square model input side; default the backbone's.")] = None,
-    soften_sigma: Annotated[Optional[float], typer.Option(help="Blur of hard masks, fraction of the short side; default 0.03.")] = None,
-    bg_threshold: Annotated[Optional[float], typer.Option(help="Background below this probability; default 0.5.")] = None,
-    class_batch: Annotated[Optional[int], typer.Option(help="Classes per UNet call; lower it if memory runs out; default 8.")] = None,
+    soften_sigma: Annotated[
+        Optional[float], typer.Option(help="Blur of hard masks, fraction of the short side; default 0.03.")
+    ] = None,
+    bg_threshold: Annotated[
+        Optional[float], typer.Option(help="Background below this probability; default 0.5.")
+    ] = None,
+    class_batch: Annotated[
+        Optional[int], typer.Option(help="Classes per UNet call; lower it if memory runs out; default 8.")
+    ] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda:N; default auto.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="auto, fp16, bf16 or fp32; default auto.")] = None,
     offline: Annotated[bool, typer.Option("--offline", help="Never contact the Hugging Face Hub.")] = False,
-    option: Annotated[Optional[list[str]], typer.Option("-o", "--option", help="COMPONENT.KEY=VALUE, repeatable.")] = None,
+    option: Annotated[
+        Optional[list[str]], typer.Option("-o", "--option", help="COMPONENT.KEY=VALUE, repeatable.")
+    ] = None,
     config: Annotated[Optional[Path], typer.Option(help="TOML config file; flags override it.")] = None,
     save_generated: Annotated[bool, typer.Option("--save-generated", help="Also save the generated images.")] = False,
     save_overlay: Annotated[bool, typer.Option("--save-overlay", help="Also save label overlays.")] = False,

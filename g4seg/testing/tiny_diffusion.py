@@ -67,7 +67,7 @@ def clip_tokenizer(pad_token: str = EOS) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad_token, model_max_length=77)
 
 
-def _seeded(seed: int, build: Any, *args: Any, **kwargs: Any) -> Any:
+def seeded(seed: int, build: Any, *args: Any, **kwargs: Any) -> Any:
     """Build a module from a fixed seed without disturbing the caller's global RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -79,7 +79,7 @@ def _text_encoder(seed: int, *, projection: bool = False) -> CLIPTextModel | CLI
                             num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
                             projection_dim=TEXT_HIDDEN, bos_token_id=49406, eos_token_id=49407,
                             pad_token_id=49407)
-    return _seeded(seed, CLIPTextModelWithProjection if projection else CLIPTextModel, config)
+    return seeded(seed, CLIPTextModelWithProjection if projection else CLIPTextModel, config)
 
 
 def tiny_vae(seed: int = 0, **config: Any) -> AutoencoderKL:
@@ -89,7 +89,7 @@ def tiny_vae(seed: int = 0, **config: Any) -> AutoencoderKL:
         "block_out_channels": (8, 8, 8, 8), "layers_per_block": 1, "latent_channels": 4,
         "norm_num_groups": 4, "sample_size": LATENT_SIDE * 8, "scaling_factor": SD_SCALING, **config,
     }
-    return _seeded(seed, AutoencoderKL, **settings)
+    return seeded(seed, AutoencoderKL, **settings)
 
 
 def _sd_unet(seed: int, **config: Any) -> UNet2DConditionModel:
@@ -98,16 +98,20 @@ def _sd_unet(seed: int, **config: Any) -> UNet2DConditionModel:
         "down_block_types": ("CrossAttnDownBlock2D",) * 3, "up_block_types": ("CrossAttnUpBlock2D",) * 3,
         "cross_attention_dim": TEXT_HIDDEN, "attention_head_dim": 4, "norm_num_groups": 8, **config,
     }
-    return _seeded(seed, UNet2DConditionModel, **settings)
+    return seeded(seed, UNet2DConditionModel, **settings)
+
+
+def sd_scheduler(prediction_type: str = "epsilon") -> PNDMScheduler | DDIMScheduler:
+    """The scheduler an SD repo ships: PNDM for epsilon (as SD1.5/2.1-base), DDIM otherwise (as SD2.1-768)."""
+    if prediction_type == "epsilon":
+        return PNDMScheduler(**SD_BETAS, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
+    return DDIMScheduler(**SD_BETAS, prediction_type=prediction_type, clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1)
 
 
 def save_tiny_sd(path: str | Path, *, prediction_type: str = "epsilon", upcast_attention: bool = False) -> Path:
-    """An SD1.5/2.1-like repo; epsilon saves a PNDM scheduler (as SD1.5), v_prediction a DDIM one (as SD2.1-768)."""
-    if prediction_type == "epsilon":
-        scheduler = PNDMScheduler(**SD_BETAS, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
-    else:
-        scheduler = DDIMScheduler(**SD_BETAS, prediction_type=prediction_type, clip_sample=False,
-                                  set_alpha_to_one=False, steps_offset=1)
+    """An SD1.5/2.1-like repo with the scheduler of :func:`sd_scheduler`."""
+    scheduler = sd_scheduler(prediction_type)
     pipe = StableDiffusionPipeline(
         vae=tiny_vae(1), text_encoder=_text_encoder(2), tokenizer=clip_tokenizer(),
         unet=_sd_unet(3, upcast_attention=upcast_attention), scheduler=scheduler,
