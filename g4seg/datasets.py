@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import Field
 
 from g4seg.errors import G4SegError
-from g4seg.registry import Options
+from g4seg.registry import Options, Runtime
 
 IGNORE_INDEX = 255
 SHOWN_MISSING = 5  # how many missing names a layout error spells out
@@ -106,6 +106,11 @@ class SegDataset:
         self.synonyms = read_class_file(self.class_file)
         self.classes = [names[0] for names in self.synonyms]
         self._ids: list[str] | None = None
+
+    @classmethod
+    def from_options(cls, options: DatasetOptions, runtime: Runtime) -> "SegDataset":
+        """The registry factory: every dataset is built from its validated root and split."""
+        return cls(options.root, options.split)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r})"

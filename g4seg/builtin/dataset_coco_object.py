@@ -15,7 +15,7 @@ from pydantic import Field
 
 from g4seg.datasets import DatasetOptions, Layout, SegDataset
 from g4seg.hookspecs import hookimpl
-from g4seg.registry import ComponentSpec, Runtime
+from g4seg.registry import ComponentSpec
 
 
 class CocoObjectOptions(DatasetOptions):
@@ -32,12 +32,8 @@ class CocoObject(SegDataset):
                for split in ("train", "val")}
 
 
-def _build(options: CocoObjectOptions, runtime: Runtime) -> CocoObject:
-    return CocoObject(options.root, options.split)
-
-
 @hookimpl
 def register_datasets(register):
     register(ComponentSpec(kind="dataset", name="coco-object", aliases=("coco_object", "cocoobject"),
-                           factory=_build, options=CocoObjectOptions,
+                           factory=CocoObject.from_options, options=CocoObjectOptions,
                            description="COCO-Object (SCLIP's conversion), 80 classes + background"))

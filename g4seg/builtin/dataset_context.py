@@ -19,7 +19,7 @@ from pydantic import Field
 
 from g4seg.datasets import IGNORE_INDEX, DatasetOptions, Layout, SegDataset
 from g4seg.hookspecs import hookimpl
-from g4seg.registry import ComponentSpec, Runtime
+from g4seg.registry import ComponentSpec
 
 _SPLITS = "ImageSets/SegmentationContext"
 
@@ -48,17 +48,10 @@ class Context59(Context60):
         return labels
 
 
-def _build60(options: ContextOptions, runtime: Runtime) -> Context60:
-    return Context60(options.root, options.split)
-
-
-def _build59(options: ContextOptions, runtime: Runtime) -> Context59:
-    return Context59(options.root, options.split)
-
-
 @hookimpl
 def register_datasets(register):
-    register(ComponentSpec(kind="dataset", name="context60", aliases=("context", "pc60"), factory=_build60,
-                           options=ContextOptions, description="PASCAL Context, 59 classes + background"))
-    register(ComponentSpec(kind="dataset", name="context59", aliases=("pc59",), factory=_build59,
+    register(ComponentSpec(kind="dataset", name="context60", aliases=("context", "pc60"),
+                           factory=Context60.from_options, options=ContextOptions,
+                           description="PASCAL Context, 59 classes + background"))
+    register(ComponentSpec(kind="dataset", name="context59", aliases=("pc59",), factory=Context59.from_options,
                            options=ContextOptions, description="PASCAL Context, 59 classes, background ignored"))

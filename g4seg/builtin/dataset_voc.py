@@ -15,7 +15,7 @@ from pydantic import Field
 
 from g4seg.datasets import DatasetOptions, Layout, SegDataset
 from g4seg.hookspecs import hookimpl
-from g4seg.registry import ComponentSpec, Runtime
+from g4seg.registry import ComponentSpec
 
 _SPLITS = "ImageSets/Segmentation"
 
@@ -37,11 +37,7 @@ class Voc12(SegDataset):
     }
 
 
-def _build(options: VocOptions, runtime: Runtime) -> Voc12:
-    return Voc12(options.root, options.split)
-
-
 @hookimpl
 def register_datasets(register):
-    register(ComponentSpec(kind="dataset", name="voc12", aliases=("voc", "voc21"), factory=_build,
+    register(ComponentSpec(kind="dataset", name="voc12", aliases=("voc", "voc21"), factory=Voc12.from_options,
                            options=VocOptions, description="PASCAL VOC 2012, 20 classes + background"))
