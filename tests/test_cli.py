@@ -205,3 +205,10 @@ def test_every_setting_has_a_refine_flag_of_the_same_name():
     flags = {opt.lstrip("-").replace("-", "_") for p in command.params for opt in p.opts if opt.startswith("-")}
     assert set(RefineConfig.model_fields) - {"options"} <= flags
     assert {"o", "option"} <= flags  # component options: -o COMPONENT.KEY=VALUE
+
+
+def test_option_types_are_shown_readably():
+    listed = json.loads(_invoke("list", "injectors", "attn", "--options", "--json").output)
+    types = {o["name"]: o["type"] for o in listed[0]["options"]}
+    assert types["rule"] == "'dense' | 'eq5'" and types["resolutions"] == "list[int] | None"
+    assert types["w_cross"] == "float" and types["cross"] == "bool"

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Optional
+import types
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
 import typer
 from rich.console import Console
@@ -18,11 +19,27 @@ KIND_NAMES = {**{k: k for k in KINDS}, **{f"{k}s": k for k in KINDS}, "mask-sour
               "mask-sources": "mask_source", "mask_sources": "mask_source"}
 
 
+def type_name(annotation: Any) -> str:
+    """A short readable type: ``'dense' | 'eq5'``, ``list[int] | None`` (constraints left out)."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return type_name(args[0])
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " | ".join(type_name(a) for a in args)
+    if origin is not None:
+        return f"{getattr(origin, '__name__', origin)}[{', '.join(type_name(a) for a in args)}]"
+    if annotation is type(None):
+        return "None"
+    return getattr(annotation, "__name__", str(annotation))
+
+
 def _option_rows(spec: ComponentSpec) -> list[dict[str, Any]]:
     rows = []
     for name, info in spec.options.model_fields.items():
         default = None if info.is_required() else info.get_default(call_default_factory=True)
-        rows.append({"name": name, "type": getattr(info.annotation, "__name__", str(info.annotation)),
+        rows.append({"name": name, "type": type_name(info.annotation),
                      "default": default, "required": info.is_required(), "description": info.description or ""})
     return rows
 
@@ -81,6 +98,9 @@ def list_command(
     console.print(table)
     if options:
         for spec in specs:
+            if not spec.options.model_fields:
+                console.print(f"{spec.name}: no options")
+                continue
             opts = Table("option", "type", "default", "description", title=f"{spec.name} options")
             for row in _option_rows(spec):
                 opts.add_row(row["name"], row["type"], "required" if row["required"] else repr(row["default"]),
