@@ -125,9 +125,9 @@ class Refiner:
         pixels = F.interpolate(_image_tensor(image), size=(size, size), mode="bilinear", antialias=True,
                                align_corners=False).clamp(0, 1)
         z0 = bb.encode(pixels.to(bb.device, bb.dtype))
-        alpha_bar = bb.alphas_cumprod[cfg.timestep]
+        alpha_bar = bb.alphas_cumprod[cfg.timestep].to(bb.device)
         noise = diffusion_math.seeded_noise(tuple(z0.shape), cfg.seed).to(bb.device)
-        z_t = diffusion_math.add_noise(z0, alpha_bar.to(bb.device), noise.to(z0.dtype))
+        z_t = diffusion_math.add_noise(z0, alpha_bar, noise.to(z0.dtype))
         original_features = self.extractor(pixels.to(bb.device))[0].float().cpu()
         binary = F.interpolate((refined >= 0.5).float()[:, None], size=(size, size), mode="nearest")[:, 0] > 0.5
         for start in range(0, len(active), cfg.class_batch):
@@ -138,7 +138,7 @@ class Refiner:
             batch_latents = z_t.expand(len(chunk), *z_t.shape[1:])
             with self.injector.inject(bb, binary[chunk].to(bb.device), tokens, cfg.timestep) as extra:
                 output = bb.predict(batch_latents, cfg.timestep, cond, **extra)
-            x0 = diffusion_math.predict_x0(output, batch_latents, alpha_bar.to(bb.device), bb.prediction_type)
+            x0 = diffusion_math.predict_x0(output, batch_latents, alpha_bar, bb.prediction_type)
             images = bb.decode(x0.to(bb.dtype)).float().clamp(0, 1)
             gen_features = self.extractor(images).float().cpu()
             new, delta = correspondence.refine(refined[chunk], original_features, gen_features, cfg.beta, cfg.cf)
