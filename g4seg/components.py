@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
+    from g4seg.masks import MergeRule
+
 
 @dataclass(frozen=True)
 class AttentionLayer:
@@ -32,6 +34,24 @@ class Conditioning:
 
     encoder_hidden_states: torch.Tensor
     unet_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def cat(self, other: Conditioning) -> Conditioning:
+        """This batch followed by ``other``'s (e.g. [unconditional, conditional] for guidance)."""
+        return Conditioning(_cat(self.encoder_hidden_states, other.encoder_hidden_states),
+                            _cat(self.unet_kwargs, other.unet_kwargs))
+
+
+def _cat(first: Any, second: Any) -> Any:
+    """Concatenate tensors along the batch, nested dicts key by key; anything else must be equal."""
+    import torch
+
+    if isinstance(first, torch.Tensor):
+        return torch.cat([first, second])
+    if isinstance(first, dict):
+        return {key: _cat(value, second[key]) for key, value in first.items()}
+    if first != second:
+        raise ValueError(f"cannot join conditionings that differ in {first!r} / {second!r}")
+    return first
 
 
 class Backbone(Protocol):
@@ -73,11 +93,15 @@ class Injector(Protocol):
         masks: torch.Tensor,
         token_indices: Sequence[Sequence[int]],
         timestep: int,
+        *,
+        guided: bool = False,
     ) -> AbstractContextManager[dict[str, Any]]:
         """Context manager active around the UNet call; yields extra keyword arguments for ``predict``.
 
-        ``masks`` is (B, H, W) bool at the backbone's input resolution, one per batch entry;
-        ``token_indices[b]`` are the class-name token positions of prompt ``b``.
+        ``masks`` is (B, H, W) bool at the backbone's input resolution, one per prompt;
+        ``token_indices[b]`` are the class-name token positions of prompt ``b``. With ``guided``
+        (classifier-free guidance) the UNet batch is 2B: B unconditional entries, then the B
+        conditional ones; only the conditional half may be modulated.
         """
 
 
@@ -90,10 +114,16 @@ class Extractor(Protocol):
 
 @dataclass
 class CoarseMask:
-    """Coarse per-class probabilities aligned with a class list, plus pixels to ignore."""
+    """Coarse per-class probabilities aligned with a class list, plus pixels to ignore.
+
+    ``background`` is the baseline's own background channel when it has one (a K+1 stack);
+    ``merge`` is the baseline's own label rule (e.g. SCLIP's thresholds), used by ``merge = "auto"``.
+    """
 
     probs: np.ndarray  # (K, H, W) float32 in [0, 1]
     ignore: np.ndarray | None = None  # (H, W) bool, True = ignore (label 255)
+    background: np.ndarray | None = None  # (H, W) float32 in [0, 1]
+    merge: MergeRule | None = None
 
 
 class MaskSource(Protocol):

@@ -33,8 +33,24 @@ class RefineConfig(BaseModel):
     seed: int = 0
     prompt: str = "a photo of {}"
     resolution: int | None = Field(None, ge=64, description="square model input side; None = backbone default")
-    soften_sigma: float = Field(0.03, ge=0.0, description="blur sigma for hard masks, fraction of the short side")
-    bg_threshold: float = Field(0.5, ge=0.0, le=1.0, description="below this max probability a pixel is background")
+    ramp_width: float = Field(0.05, ge=0.0, le=1.0, description="signed-distance ramp of hard masks, "
+                              "fraction of the short side (0 = keep them hard)")
+    merge: Literal["auto", "threshold", "argmax-bg", "sclip", "pow"] = Field(
+        "auto", description="label rule of probability stacks; auto = the mask source's own, else argmax-bg "
+                            "with a background channel, else threshold")
+    bg_threshold: float = Field(0.5, ge=0.0, le=1.0, description="merge threshold: background below this "
+                                                                   "best-class probability")
+    prob_thd: float | None = Field(None, ge=0.0, le=1.0, description="merge sclip: background below this "
+                                                                       "score; None = the mask source's, else 0")
+    area_thd: float | None = Field(None, ge=0.0, le=1.0, description="merge sclip: drop classes with at most "
+                                   "this share of the foreground area; None = the mask source's, else off")
+    bg_power: float | None = Field(None, ge=1.0, description="merge pow: background score (1 - max)^k, k >= 1 "
+                                                             "(CLIP-ES); None = the mask source's, else 1")
+    guidance_scale: float | None = Field(None, ge=0.0, description="classifier-free guidance scale; None = off "
+                                                                    "(the paper's Eq. 2)")
+    class_embedding: Literal["prompt", "alone"] = Field(
+        "prompt", description="class-name token embeddings: from the prompt, or of the name encoded alone "
+                              "(DenseDiffusion)")
     class_batch: int = Field(8, ge=1, description="classes per UNet call")
     device: str = "auto"
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"

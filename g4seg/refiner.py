@@ -2,6 +2,17 @@
 
 It knows no concrete plugin: components come from the registry by name and are used only through
 the protocols in :mod:`g4seg.components`.
+
+Around Eq. 9 everything is neutral (the identity principle, :mod:`g4seg.masks`): the input label map
+is computed first (a hard input's own labels, or a soft input merged by its baseline's rule), each
+class's injection mask is its region there, and the output is merged by the same rule, so that with
+beta = 1 the output labels are the input labels.
+
+Two engine settings follow DenseDiffusion where the paper is silent, both off by default:
+``guidance_scale`` runs classifier-free guidance (batch [unconditional, conditional]; only the
+conditional half is injected; x~0 uses the guided prediction), and ``class_embedding = "alone"``
+replaces the class-name token embeddings of the prompt by those of the name encoded on its own
+(DenseDiffusion's ``cond_embeddings[0][j:j+wlen] = cond_embeddings[i][1:1+wlen]``).
 """
 
 from __future__ import annotations
@@ -14,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from g4seg import correspondence, diffusion_math, masks
-from g4seg.components import Backbone, Extractor, Injector, PostProcessor
+from g4seg.components import Backbone, Conditioning, Extractor, Injector, PostProcessor
 from g4seg.config import RefineConfig
 from g4seg.errors import G4SegError
 from g4seg.plugins import registry
@@ -26,15 +37,21 @@ from g4seg.runtime import resolve_runtime
 class RefineResult:
     """Refined probabilities (K, H, W), the merged label map (H, W) and optional diagnostics.
 
-    ``generated`` and ``correspondence`` hold entries only for classes that had pixels inside the
-    confidence band (others cannot change, so no generation is run for them).
+    ``coarse_labels`` is the input label map (what ``labels`` equals with beta = 1). For a hard input
+    ``probs`` are its refined signed-distance ramps. ``generated`` and ``correspondence`` hold entries
+    only for classes that had pixels inside the confidence band (others cannot change, so no
+    generation is run for them).
     """
 
     probs: np.ndarray
     labels: np.ndarray
     classes: list[str]
+    coarse_labels: np.ndarray
     generated: dict[str, np.ndarray] | None = None
     correspondence: dict[str, np.ndarray] | None = None
+
+
+NO_GUIDANCE_TAG = "guidance:embedded"  # backbones (LCM) that cannot run classifier-free guidance
 
 
 def _image_tensor(image: np.ndarray) -> torch.Tensor:
@@ -62,6 +79,9 @@ class Refiner:
         reason = incompatibility(injector_spec, backbone_spec)
         if reason:
             raise G4SegError(reason)
+        if config.guidance_scale is not None and NO_GUIDANCE_TAG in backbone_spec.tags:
+            raise G4SegError(f"backbone '{backbone_spec.name}' has no classifier-free guidance branch "
+                             f"(its guidance is built in); leave guidance_scale unset")
         extractor_spec = reg.get("extractor", config.extractor)
         post_spec = reg.get("postprocessor", config.postprocessor) if config.postprocessor else None
         return cls(
@@ -83,30 +103,43 @@ class Refiner:
         return self.config.resolution or self.backbone.resolution
 
     def refine(self, image: np.ndarray, probs: np.ndarray, classes: Sequence[str], *,
-               ignore: np.ndarray | None = None, return_generated: bool = False,
+               background: np.ndarray | None = None, ignore: np.ndarray | None = None,
+               source_rule: masks.MergeRule | None = None, return_generated: bool = False,
                return_correspondence: bool = False) -> RefineResult:
-        """Refine ``probs`` (K, H, W) in [0, 1] for ``image`` (H, W, 3) uint8 and ``classes`` (K names)."""
+        """Refine ``probs`` (K, H, W) in [0, 1] for ``image`` (H, W, 3) uint8 and ``classes`` (K names).
+
+        ``background`` (H, W) is the baseline's background channel, if it has one; ``source_rule``
+        the baseline's own merge rule (used when the config's ``merge`` is ``auto``).
+        """
         classes = list(classes)
-        self._check_inputs(image, probs, classes)
+        self._check_inputs(image, probs, classes, background)
         probs = probs.astype(np.float32)
-        if masks.is_hard(probs):
-            probs = masks.soften(probs, self.config.soften_sigma)
+        if masks.is_hard(probs, background):
+            coarse = masks.hard_labels(probs, background)
+            rule, background = masks.HARD_RULE, None
+            probs = masks.ramp(coarse, len(classes), masks.ramp_pixels(self.config.ramp_width, image.shape[:2]))
+        else:
+            rule = masks.resolve_rule(self.config, source_rule, background is not None)
+            coarse = rule.labels(probs, background)
         refined = torch.from_numpy(probs.copy())
         lo, hi = self.config.cf
         active = [k for k in range(len(classes)) if ((refined[k] >= lo) & (refined[k] <= hi)).any()]
         generated: dict[str, np.ndarray] = {}
         matches: dict[str, np.ndarray] = {}
         if active:
+            regions = torch.from_numpy(coarse[None] == np.arange(1, len(classes) + 1)[:, None, None])
             with torch.inference_mode():
-                self._refine_active(image, refined, classes, active, generated, matches)
+                self._refine_active(image, refined, regions, classes, active, generated, matches)
         out = refined.numpy()
         if self.postprocessor is not None:
             out = self.postprocessor(image, out)
-        labels = masks.merge_labels(out, self.config.bg_threshold, ignore)
-        return RefineResult(out, labels, classes, generated if return_generated else None,
-                            matches if return_correspondence else None)
+        if ignore is not None:
+            coarse[ignore] = masks.IGNORE_LABEL
+        return RefineResult(out, rule.labels(out, background, ignore), classes, coarse,
+                            generated if return_generated else None, matches if return_correspondence else None)
 
-    def _check_inputs(self, image: np.ndarray, probs: np.ndarray, classes: list[str]) -> None:
+    def _check_inputs(self, image: np.ndarray, probs: np.ndarray, classes: list[str],
+                      background: np.ndarray | None) -> None:
         if not classes:
             raise G4SegError("the class list is empty")
         if len(set(classes)) != len(classes):
@@ -118,9 +151,14 @@ class Refiner:
                              f"({len(classes)}, {image.shape[0]}, {image.shape[1]}) for {len(classes)} classes")
         if not np.isfinite(probs).all() or probs.min() < 0 or probs.max() > 1:
             raise G4SegError("probabilities must be finite and within [0, 1]")
+        if background is not None:
+            if background.shape != image.shape[:2]:
+                raise G4SegError(f"background channel has shape {background.shape}, expected {image.shape[:2]}")
+            if not np.isfinite(background).all() or background.min() < 0 or background.max() > 1:
+                raise G4SegError("background probabilities must be finite and within [0, 1]")
 
-    def _refine_active(self, image: np.ndarray, refined: torch.Tensor, classes: list[str], active: list[int],
-                       generated: dict[str, np.ndarray], matches: dict[str, np.ndarray]) -> None:
+    def _refine_active(self, image: np.ndarray, refined: torch.Tensor, regions: torch.Tensor, classes: list[str],
+                       active: list[int], generated: dict[str, np.ndarray], matches: dict[str, np.ndarray]) -> None:
         bb, cfg, size = self.backbone, self.config, self.resolution
         pixels = F.interpolate(_image_tensor(image), size=(size, size), mode="bilinear", antialias=True,
                                align_corners=False).clamp(0, 1)
@@ -129,16 +167,25 @@ class Refiner:
         noise = diffusion_math.seeded_noise(tuple(z0.shape), cfg.seed).to(bb.device)
         z_t = diffusion_math.add_noise(z0, alpha_bar, noise.to(z0.dtype))
         original_features = self.extractor(pixels.to(bb.device))[0].float().cpu()
-        binary = F.interpolate((refined >= 0.5).float()[:, None], size=(size, size), mode="nearest")[:, 0] > 0.5
+        injection = F.interpolate(regions.float()[:, None], size=(size, size), mode="nearest")[:, 0] > 0.5
+        guided = cfg.guidance_scale is not None
         for start in range(0, len(active), cfg.class_batch):
             chunk = active[start:start + cfg.class_batch]
-            prompts = [cfg.prompt.format(classes[k]) for k in chunk]
-            tokens = [bb.token_indices(p, classes[k]) for p, k in zip(prompts, chunk)]
-            cond = bb.encode_prompts(prompts, (size, size))
-            batch_latents = z_t.expand(len(chunk), *z_t.shape[1:])
-            with self.injector.inject(bb, binary[chunk].to(bb.device), tokens, cfg.timestep) as extra:
-                output = bb.predict(batch_latents, cfg.timestep, cond, **extra)
-            x0 = diffusion_math.predict_x0(output, batch_latents, alpha_bar, bb.prediction_type)
+            names = [classes[k] for k in chunk]
+            prompts = [cfg.prompt.format(name) for name in names]
+            tokens = [bb.token_indices(p, name) for p, name in zip(prompts, names)]
+            cond = self._conditioning(prompts, names, tokens, (size, size))
+            latents = z_t.expand(len(chunk), *z_t.shape[1:])
+            if guided:
+                cond = bb.encode_prompts([""] * len(chunk), (size, size)).cat(cond)
+                latents = torch.cat([latents, latents])
+            with self.injector.inject(bb, injection[chunk].to(bb.device), tokens, cfg.timestep,
+                                      **({"guided": True} if guided else {})) as extra:
+                output = bb.predict(latents, cfg.timestep, cond, **extra)
+            if guided:
+                unconditional, conditional = output.float().chunk(2)
+                output = unconditional + cfg.guidance_scale * (conditional - unconditional)
+            x0 = diffusion_math.predict_x0(output, latents[:len(chunk)], alpha_bar, bb.prediction_type)
             images = bb.decode(x0.to(bb.dtype)).float().clamp(0, 1)
             gen_features = self.extractor(images).float().cpu()
             new, delta = correspondence.refine(refined[chunk], original_features, gen_features, cfg.beta, cfg.cf)
@@ -146,3 +193,28 @@ class Refiner:
             for i, k in enumerate(chunk):
                 generated[classes[k]] = (images[i].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
                 matches[classes[k]] = delta[i].numpy()
+
+    def _conditioning(self, prompts: list[str], names: list[str], tokens: list[list[int]],
+                      hw: tuple[int, int]) -> Conditioning:
+        """The prompts' text conditioning; with ``class_embedding = "alone"`` each run of class-name token
+        positions takes the embeddings of the name encoded alone (its tokens follow the start token)."""
+        cond = self.backbone.encode_prompts(prompts, hw)
+        if self.config.class_embedding == "prompt":
+            return cond
+        alone = self.backbone.encode_prompts(names, hw).encoder_hidden_states
+        hidden = cond.encoder_hidden_states.clone()
+        for b, positions in enumerate(tokens):
+            for run in _consecutive_runs(positions):
+                hidden[b, run] = alone[b, 1:1 + len(run)]
+        return Conditioning(hidden, cond.unet_kwargs)
+
+
+def _consecutive_runs(positions: Sequence[int]) -> list[list[int]]:
+    """[3, 4, 9] -> [[3, 4], [9]]: one run per occurrence of the name in the prompt."""
+    runs: list[list[int]] = []
+    for p in sorted(positions):
+        if runs and p == runs[-1][-1] + 1:
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    return runs

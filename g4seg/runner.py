@@ -1,7 +1,8 @@
 """The resumable, shardable run loop: many images, one output folder, nothing computed twice.
 
 A run folder holds, per image, ``<stem>.png`` (palette label map) and ``<stem>.npz`` (probabilities),
-optionally ``overlay/<stem>.png`` and ``generated/<stem>/<label>_<class>.png``; plus ``config.json``
+optionally ``overlay/<stem>.png``, ``coarse/<stem>.png`` (the input label map, so one run gives both
+sides of a comparison) and ``generated/<stem>/<label>_<class>.png``; plus ``config.json``
 (the resolved configuration, versions, device) and one manifest per rank (see :mod:`g4seg.manifest`).
 Every file is written to a temporary name in its folder and renamed, and an image's manifest line
 comes after its files, so a kill at any moment leaves only complete files and a rerun redoes just the
@@ -206,6 +207,7 @@ def _remove_stale_temps(out_dir: Path, stems: set[str], with_config: bool) -> No
     owned: list[tuple[Path, Callable[[str], bool]]] = [
         (out_dir, lambda target: target in outputs or (with_config and target == CONFIG_FILE)),
         (out_dir / "overlay", lambda target: target in outputs),
+        (out_dir / "coarse", lambda target: target in outputs),
         *((out_dir / "generated" / s, lambda target: True) for s in stems),
     ]
     for folder, is_ours in owned:
@@ -226,14 +228,19 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _refine_one(item: WorkItem, refiner: "Refiner", mask_source: "MaskSource", out_dir: Path,
-                classes: list[str], save_generated: bool, save_overlay: bool) -> list[str]:
+                classes: list[str], saved: set[str]) -> list[str]:
     """Refine one image and write its outputs; returns their paths relative to ``out_dir``."""
     image = io.load_image(item.image)
     coarse = mask_source.load(item.image, item.mask, classes, image.shape[:2])
-    result = refiner.refine(image, coarse.probs, classes, ignore=coarse.ignore, return_generated=save_generated)
+    save_generated, save_overlay = "generated" in saved, "overlay" in saved
+    result = refiner.refine(image, coarse.probs, classes, background=coarse.background, ignore=coarse.ignore,
+                            source_rule=coarse.merge, return_generated=save_generated)
     outputs = [f"{item.stem}.png", f"{item.stem}.npz"]
     io.save_label_png(out_dir / outputs[0], result.labels)
     io.save_probs_npz(out_dir / outputs[1], result.probs, classes)
+    if "coarse" in saved:
+        outputs.append(f"coarse/{item.stem}.png")
+        io.save_label_png(out_dir / outputs[-1], result.coarse_labels)
     if save_overlay:
         outputs.append(f"overlay/{item.stem}.png")
         io.save_rgb_png(out_dir / outputs[-1], io.overlay(image, result.labels))
@@ -262,7 +269,8 @@ def _progress_bar(enabled: bool, total: int, completed: int) -> Iterator[Callabl
 
 def run(items: Sequence[WorkItem], out_dir: Path, config: RefineConfig, classes: list[str], *,
         build_refiner: Callable[[], "Refiner"] | None = None, overwrite: bool = False, fail_fast: bool = False,
-        save_generated: bool = False, save_overlay: bool = False, progress: bool = True) -> RunSummary:
+        save_generated: bool = False, save_overlay: bool = False, save_coarse: bool = False,
+        progress: bool = True) -> RunSummary:
     """Refine this rank's share of ``items`` into ``out_dir``, skipping images already done.
 
     ``build_refiner`` (default: ``Refiner.from_config``) is called only when some image needs work.
@@ -278,7 +286,8 @@ def run(items: Sequence[WorkItem], out_dir: Path, config: RefineConfig, classes:
     if not overwrite:
         _check_same_config(out_dir, ident, latest)
     mine = shard_items(items, shard, key=lambda item: item.stem)
-    wanted = {name for name, on in (("generated", save_generated), ("overlay", save_overlay)) if on}
+    wanted = {name for name, on in (("generated", save_generated), ("overlay", save_overlay),
+                                    ("coarse", save_coarse)) if on}
     todo = [item for item in mine
             if overwrite or not _is_done(latest.get(item.stem), item, ident, out_dir, wanted)]
     _remove_stale_temps(out_dir, {item.stem for item in mine}, with_config=shard.is_main)
@@ -303,7 +312,7 @@ def run(items: Sequence[WorkItem], out_dir: Path, config: RefineConfig, classes:
             outputs: list[str] = []
             error: BaseException | None = None
             try:
-                outputs = _refine_one(item, refiner, mask_source, out_dir, classes, save_generated, save_overlay)
+                outputs = _refine_one(item, refiner, mask_source, out_dir, classes, wanted)
             except Exception as exc:  # noqa: BLE001 - one bad image must not end a long run
                 error = exc
             image, mask = ident.inputs(item)

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from g4seg.cli import app
 from g4seg.io import voc_palette
+from g4seg.masks import MergeRule
 
 runner = CliRunner()
 
@@ -93,6 +94,11 @@ def test_folder_mode_records_a_bad_image_and_goes_on(tmp_path, config_file):
     ("unknown backbone", "unknown backbone 'sd99'"),
     ("bad option", "invalid options"),
     ("bad cf", "--cf must be LO,HI"),
+    ("stack fits neither K nor K+1", "expected 2 (one per class) or 3 (background first)"),
+    ("merge parameter out of range", "bg_power: Input should be greater than or equal to 1"),
+    ("prob_thd out of range", "prob_thd: Input should be less than or equal to 1"),
+    ("argmax-bg without background", "merge 'argmax-bg' needs a background channel"),
+    ("unknown merge", "merge: Input should be 'auto'"),
 ])
 def test_bad_input_is_one_line_and_non_zero(tmp_path, config_file, case, message):
     image, mask, _ = _scene(tmp_path)
@@ -109,15 +115,70 @@ def test_bad_input_is_one_line_and_non_zero(tmp_path, config_file, case, message
     elif case == "unknown backbone":
         args += ["--backbone", "sd99"]
     elif case == "bad option":
-        args += ["-o", "injector.strength=2"]
+        args += ["-o", "injector.no_such_option=2"]
     elif case == "bad cf":
         args += ["--cf", "0.2"]
+    elif case == "stack fits neither K nor K+1":
+        np.save(tmp_path / "stack.npy", np.full((4, 40, 48), 0.25, np.float32))
+        args[2] = tmp_path / "stack.npy"
+    elif case == "merge parameter out of range":
+        args += ["--merge", "pow", "--bg-power", "0.5"]
+    elif case == "prob_thd out of range":
+        args += ["--prob-thd", "2"]
+    elif case == "argmax-bg without background":
+        np.save(tmp_path / "stack.npy", np.full((2, 40, 48), 0.25, np.float32))
+        args[2] = tmp_path / "stack.npy"
+        args += ["--merge", "argmax-bg"]
+    elif case == "unknown merge":
+        args += ["--merge", "vote"]
     result = _invoke("refine", *args)
     assert result.exit_code != 0
     errors = [line for line in result.output.splitlines() if line.startswith("g4seg: error:")]
     assert len(errors) == 1 and message in errors[0], result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "out" / "img.png").exists()
+
+
+@pytest.mark.parametrize("form", ["label map", "binary mask", "K+1 stack, sclip merge", "K stack, pow merge"])
+def test_beta_one_writes_back_the_input_labels(tmp_path, config_file, form):
+    """The identity principle through the CLI: --beta 1 gives out/img.png == the input labels == out/coarse/img.png."""
+    image, mask, labels = _scene(tmp_path)
+    classes, extra = "cat,dog", []
+    if form == "binary mask":
+        labels = (labels == 1).astype(np.uint8)
+        Image.fromarray(labels * 255).save(mask)
+        classes = "cat"
+    elif form != "label map":
+        rng = np.random.default_rng(0)
+        scores = rng.random((3, 40, 48)).astype(np.float32)
+        scores /= scores.sum(0)
+        mask = tmp_path / ("m.npz" if form.startswith("K+1") else "m.npy")
+        if form.startswith("K+1"):
+            np.savez(mask, probs=scores, classes=np.array(["background", "cat", "dog"]))
+            extra = ["--merge", "sclip", "--prob-thd", "0.4", "--area-thd", "0.3"]
+            labels = MergeRule("sclip", prob_thd=0.4, area_thd=0.3).labels(scores[1:], scores[0])
+        else:
+            np.save(mask, scores[1:])
+            extra = ["--merge", "pow", "--bg-power", "2"]
+            labels = MergeRule("pow", power=2.0).labels(scores[1:])
+    out = tmp_path / "out"
+    result = _invoke("refine", image, "--mask", mask, "--classes", classes, "--out", out, "--config", config_file,
+                     "--beta", "1", "--save-coarse", "--no-progress", *extra)
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(np.array(Image.open(out / "img.png")), labels)
+    np.testing.assert_array_equal(np.array(Image.open(out / "coarse" / "img.png")), labels)
+
+
+def test_save_coarse_gives_both_sides_of_a_comparison(tmp_path, config_file):
+    image, mask, labels = _scene(tmp_path)
+    out = tmp_path / "out"
+    result = _invoke("refine", image, "--mask", mask, "--classes", "background,cat,dog", "--out", out,
+                     "--config", config_file, "--beta", "0.2", "--save-coarse", "--no-progress")
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(np.array(Image.open(out / "coarse" / "img.png")), labels)
+    assert json.loads((out / "config.json").read_text())["classes"] == ["cat", "dog"]
+    manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert "coarse/img.png" in manifest[-1]["outputs"] and manifest[-1]["saved"] == ["coarse"]
 
 
 def test_plugins_list_and_compat():

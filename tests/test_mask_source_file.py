@@ -130,6 +130,41 @@ def test_npz_written_by_g4seg_is_realigned_to_the_requested_classes(tmp_path):
     np.testing.assert_array_equal(mask.probs, halves[[2, 0]])
 
 
+def test_a_stack_without_background_has_none(tmp_path):
+    np.save(tmp_path / "s.npy", probs_stack(2))
+    assert load(tmp_path / "s.npy", ["a", "b"]).background is None
+
+
+@pytest.mark.parametrize("form", ["npy K+1", "npz K+1", "npz background entry", "npz named background",
+                                  "npz named background, reordered"])
+def test_background_channel_is_recognised(tmp_path, form):
+    """K+1 maps: background first by count, by an npz 'background' entry, or by the stored names."""
+    stack = probs_stack(3, seed=4)  # background, a, b
+    path = tmp_path / ("m.npy" if form.startswith("npy") else "m.npz")
+    classes = ["a", "b"]
+    if form == "npy K+1":
+        np.save(path, stack)
+    elif form == "npz K+1":
+        np.savez(path, probs=stack)
+    elif form == "npz background entry":
+        np.savez(path, probs=stack[1:], background=stack[0])
+    elif form == "npz named background":
+        np.savez(path, probs=stack, classes=np.array(["background", "a", "b"]))
+    else:
+        np.savez(path, probs=stack, classes=np.array(["background", "a", "b"]))
+        classes = ["b", "a"]
+    mask = load(path, classes)
+    np.testing.assert_array_equal(mask.background, stack[0])
+    np.testing.assert_array_equal(mask.probs, stack[[1 + ["a", "b"].index(c) for c in classes]])
+
+
+def test_background_is_resized_with_the_classes(tmp_path):
+    np.savez(tmp_path / "m.npz", probs=np.array([[[0.0, 1.0]]]), background=np.array([[1.0, 0.0]]))
+    mask = load(tmp_path / "m.npz", ["a"], hw=(1, 4), resize=True)
+    np.testing.assert_allclose(mask.probs[0, 0], [0.0, 0.25, 0.75, 1.0])
+    np.testing.assert_allclose(mask.background[0], [1.0, 0.75, 0.25, 0.0])
+
+
 def test_resize_option_resamples_to_the_image(tmp_path):
     labels = np.array([[1, 0], [255, 2]], dtype=np.uint8)
     mask = load(save_png(tmp_path / "m.png", labels), ["a", "b"], hw=(4, 4), resize=True)
@@ -144,6 +179,9 @@ def error_cases(tmp_path: Path):
     """(mask path, classes, image size, options, expected message fragment) for every error."""
     labels = save_png(tmp_path / "labels.png", LABELS)
     np.save(tmp_path / "k3.npy", probs_stack(3))
+    np.savez(tmp_path / "bg3d.npz", probs=probs_stack(1), background=probs_stack(2))
+    np.savez(tmp_path / "bgsize.npz", probs=probs_stack(1), background=np.zeros((2, 2)))
+    np.savez(tmp_path / "bghigh.npz", probs=probs_stack(1), background=np.full(HW, 2.0))
     np.save(tmp_path / "big.npy", probs_stack(2) * 2)
     nan = probs_stack(2)
     nan[0, 0, 0] = np.nan
@@ -172,7 +210,12 @@ def error_cases(tmp_path: Path):
         "above one": (tmp_path / "big.npy", ["a", "b"], HW, {}, r"big.npy has probabilities in \[.*\]; expected"),
         "below zero": (tmp_path / "neg.npy", ["a", "b"], HW, {}, r"neg.npy has probabilities in \[-"),
         "non-finite": (tmp_path / "nan.npy", ["a", "b"], HW, {}, "nan.npy has non-finite probabilities"),
-        "wrong K": (tmp_path / "k3.npy", ["a", "b"], HW, {}, "k3.npy has 3 probability maps but 2 classes"),
+        "wrong K": (tmp_path / "k3.npy", ["a"], HW, {},
+                    r"k3.npy has 3 probability maps but 1 classes were given \(a\); expected 1 \(one per class\) "
+                    r"or 2 \(background first\)"),
+        "bad background": (tmp_path / "bg3d.npz", ["a"], HW, {}, r"bg3d.npz: the background entry has shape"),
+        "background size": (tmp_path / "bgsize.npz", ["a"], HW, {}, r"bgsize.npz: the background map is 2x2"),
+        "background above one": (tmp_path / "bghigh.npz", ["a"], HW, {}, r"bghigh.npz has background in \[2, 2\]"),
         "not numbers": (tmp_path / "text.npy", ["a"], HW, {}, "text.npy holds <U1 values"),
         "wrong rank": (tmp_path / "4d.npy", ["a"], HW, {}, r"4d.npy has shape \(1, 2, 4, 5\)"),
         "npz without probs": (tmp_path / "nokey.npz", ["a", "b"], HW, {}, "nokey.npz has no 'probs' .*scores"),
@@ -188,6 +231,7 @@ def error_cases(tmp_path: Path):
 @pytest.mark.parametrize("case", [
     "size mismatch", "value outside classes", "empty class list", "missing file", "corrupt png", "corrupt npy",
     "corrupt npz", "truncated npy", "above one", "below zero", "non-finite", "wrong K", "not numbers", "wrong rank",
+    "bad background", "background size", "background above one",
     "npz without probs", "npz missing class", "npz names mismatch", "binary with K=2", "binary not 0/255", "no mask",
     "colour rgba",
 ])

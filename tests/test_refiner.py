@@ -18,9 +18,9 @@ def scene():
     return image.astype(np.uint8), probs, ["potted plant", "dog", "cat"]
 
 
-def _refiner(sd_dir, clip_options, **settings):
+def _refiner(sd_dir, clip_options, injector="attn", **settings):
     options = {"backbone": {"model": f"local-dir:{sd_dir}"}, "extractor": clip_options}
-    return Refiner.from_names("sd21", "attn", "clip", resolution=64, device="cpu", options=options, **settings)
+    return Refiner.from_names("sd21", injector, "clip", resolution=64, device="cpu", options=options, **settings)
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +85,70 @@ def test_bad_inputs_are_one_line_errors(refiner, scene, mutate, message):
     with pytest.raises(G4SegError, match=message) as info:
         refiner.refine(*mutate(*scene))
     assert "\n" not in str(info.value)
+
+
+def _generated(refiner, scene, name="cat"):
+    image, probs, classes = scene
+    return refiner.refine(image, probs, classes, return_generated=True).generated[name]
+
+
+def test_guidance_combines_both_halves_as_classifier_free_guidance(tiny_sd_dir, tiny_clip_options, scene):
+    """Independent recomputation with the backbone's pieces: eps_u + g (eps_c - eps_u), then Eq. 2 and decode."""
+    import torch
+    import torch.nn.functional as F
+
+    from g4seg import diffusion_math
+
+    refiner = _refiner(tiny_sd_dir, tiny_clip_options, injector="none", guidance_scale=3.0)
+    bb = refiner.backbone
+    image = scene[0]
+    with torch.inference_mode():
+        pixels = F.interpolate(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255, size=(64, 64),
+                               mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+        z0 = bb.encode(pixels)
+        a = bb.alphas_cumprod[400]
+        z_t = diffusion_math.add_noise(z0, a, diffusion_math.seeded_noise(tuple(z0.shape), 0))
+        eps = [bb.unet(z_t, 400, encoder_hidden_states=bb.encode_prompts([p], (64, 64)).encoder_hidden_states).sample
+               for p in ("", "a photo of cat")]
+        x0 = diffusion_math.predict_x0(eps[0] + 3.0 * (eps[1] - eps[0]), z_t, a, "epsilon")
+        expected = (bb.decode(x0)[0].permute(1, 2, 0).numpy() * 255).round()
+    assert np.abs(_generated(refiner, scene).astype(float) - expected).max() <= 1
+
+
+def test_guidance_injects_only_the_conditional_half(tiny_sd_dir, tiny_clip_options, scene):
+    """Scale 0 keeps only the unconditional prediction: injected or not, the same image; scale 1 the injected one."""
+    plain = _generated(_refiner(tiny_sd_dir, tiny_clip_options, injector="none", guidance_scale=0.0), scene)
+    injected = _generated(_refiner(tiny_sd_dir, tiny_clip_options, guidance_scale=0.0), scene)
+    assert np.abs(plain.astype(int) - injected).max() <= 1
+    unguided = _generated(_refiner(tiny_sd_dir, tiny_clip_options), scene)
+    scale_one = _generated(_refiner(tiny_sd_dir, tiny_clip_options, guidance_scale=1.0), scene)
+    assert np.abs(unguided.astype(int) - scale_one).max() <= 1
+    assert np.abs(unguided.astype(int) - plain).max() > 1
+
+
+def test_guidance_is_refused_where_the_backbone_has_no_branch(tiny_lcm_dir, tiny_clip_options):
+    options = {"backbone": {"model": f"local-dir:{tiny_lcm_dir}"}, "extractor": tiny_clip_options}
+    with pytest.raises(G4SegError, match="backbone 'lcm' has no classifier-free guidance branch"):
+        Refiner.from_names("lcm", "attn", "clip", guidance_scale=7.5, options=options)
+
+
+def test_class_embedding_alone_splices_the_name_encoded_on_its_own(tiny_sd_dir, tiny_clip_options, scene):
+    """Multi-token 'potted plant': its positions take the name-alone embeddings after BOS; the rest is the prompt's."""
+    import torch
+
+    refiner = _refiner(tiny_sd_dir, tiny_clip_options, class_embedding="alone")
+    bb = refiner.backbone
+    prompts, names = ["a photo of potted plant", "a potted plant and a potted plant"], ["potted plant"] * 2
+    tokens = [bb.token_indices(p, n) for p, n in zip(prompts, names)]
+    assert tokens[0] == [4, 5] and tokens[1] == [2, 3, 6, 7]
+    with torch.inference_mode():
+        spliced = refiner._conditioning(prompts, names, tokens, (64, 64)).encoder_hidden_states
+        prompt = bb.encode_prompts(prompts, (64, 64)).encoder_hidden_states
+        alone = bb.encode_prompts(["potted plant"], (64, 64)).encoder_hidden_states[0]
+    for b, positions in enumerate(tokens):
+        others = [i for i in range(77) if i not in positions]
+        assert torch.equal(spliced[b, others], prompt[b, others])
+    assert torch.equal(spliced[0, [4, 5]], alone[[1, 2]])
+    assert torch.equal(spliced[1, [2, 3]], alone[[1, 2]]) and torch.equal(spliced[1, [6, 7]], alone[[1, 2]])
+    assert not np.array_equal(_generated(refiner, scene, "potted plant"),
+                              _generated(_refiner(tiny_sd_dir, tiny_clip_options), scene, "potted plant"))

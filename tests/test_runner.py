@@ -37,13 +37,15 @@ class FakeRefiner:
         self.delay = delay
         self.calls: list[tuple[int, ...]] = []
 
-    def refine(self, image, probs, classes, *, ignore=None, return_generated=False):
+    def refine(self, image, probs, classes, *, background=None, ignore=None, source_rule=None,
+               return_generated=False):
         self.calls.append(image.shape)
         time.sleep(self.delay)
         refined = probs.astype(np.float32) ** 2
-        labels = masks.merge_labels(refined, 0.5, ignore)
+        labels = masks.MergeRule().labels(refined, None, ignore)
+        coarse = masks.MergeRule().labels(probs, None, ignore)
         generated = {c: image[::2, ::2].copy() for c in classes} if return_generated else None
-        return RefineResult(refined, labels, list(classes), generated)
+        return RefineResult(refined, labels, list(classes), coarse, generated)
 
 
 class _NpyMasks:
@@ -112,7 +114,7 @@ def check_outputs(out: Path, item: WorkItem) -> None:
     label_img = Image.open(out / f"{item.stem}.png")
     assert label_img.mode == "P"
     ignore = np.load(item.mask)[0] > 0.97
-    np.testing.assert_array_equal(np.asarray(label_img), masks.merge_labels(expected, 0.5, ignore))
+    np.testing.assert_array_equal(np.asarray(label_img), masks.MergeRule().labels(expected, None, ignore))
 
 
 @pytest.fixture

@@ -60,5 +60,5 @@ class LCMBackbone(SDBackbone):
 def register_backbones(register: Callable[..., None]) -> None:
     register(ComponentSpec(
         kind="backbone", name="lcm", factory=LCMBackbone, options=LCMOptions,
-        tags=frozenset({"unet-attention", "family:lcm"}),
+        tags=frozenset({"unet-attention", "family:lcm", "guidance:embedded"}),
         description="Latent Consistency Model (LCM_Dreamshaper_v7, 512 px, guidance via timestep_cond)"))

@@ -7,6 +7,10 @@
 - ``.npy``: a (K, H, W) stack of probabilities in [0, 1] aligned with the class list, or (H, W) for
   one class. ``.npz``: the same under the key ``probs``; when it also stores ``classes`` (as g4seg
   writes its outputs), the maps are picked and reordered to match the requested class list.
+- A background channel (a K+1 stack, as SCLIP or CLIP-ES with a background score produce) is
+  recognised in three ways: an npz entry ``background`` (H, W) beside ``probs``; an npz whose
+  ``classes`` start with ``background`` (its first map); or, without names, K+1 maps for K classes
+  (the first map is the background). Any other count is an error.
 
 Every problem is one G4SegError line naming the file.
 """
@@ -26,6 +30,7 @@ from g4seg.masks import IGNORE_LABEL
 from g4seg.registry import ComponentSpec, Options, Runtime
 
 ARRAY_SUFFIXES = (".npy", ".npz")
+BACKGROUND = "background"
 
 
 class FileMaskOptions(Options):
@@ -56,12 +61,18 @@ class FileMaskSource:
         if not mask_path.is_file():
             raise G4SegError(f"mask file not found: {mask_path}")
         soft = mask_path.suffix.lower() in ARRAY_SUFFIXES
+        background = None
         if soft:
-            probs, ignore = _read_array(mask_path, classes), None
+            probs, background, ignore = *_read_array(mask_path, classes), None
         else:
             probs, ignore = self._read_image(mask_path, classes)
+        if background is not None:
+            probs = np.concatenate([background[None], probs])
         probs, ignore = self._fit(mask_path, probs, ignore, tuple(image_hw), soft)
-        return CoarseMask(np.ascontiguousarray(probs, dtype=np.float32), ignore)
+        if background is not None:
+            background, probs = probs[0], probs[1:]
+        return CoarseMask(np.ascontiguousarray(probs, dtype=np.float32), ignore,
+                          None if background is None else np.ascontiguousarray(background, dtype=np.float32))
 
     def _read_image(self, path: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
         values, palette = _image_values(path)
@@ -133,29 +144,53 @@ def _labels_to_probs(path: Path, labels: np.ndarray, classes: list[str]) -> tupl
     return probs, ignore if ignore.any() else None
 
 
-def _read_array(path: Path, classes: list[str]) -> np.ndarray:
-    probs, stored = _load_array(path)
-    if probs.dtype.kind not in "biuf":
-        raise G4SegError(f"mask {path} holds {probs.dtype} values; expected probabilities in [0, 1]")
-    probs = probs.astype(np.float32)
-    if probs.ndim == 2:
-        probs = probs[None]
-    if probs.ndim != 3:
-        raise G4SegError(f"mask {path} has shape {probs.shape}; expected (K, H, W) or (H, W)")
+def _read_array(path: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+    """(K, H, W) class maps aligned with ``classes`` and the (H, W) background channel, if any."""
+    probs, stored, background = _load_array(path)
+    probs = _as_maps(path, probs, "probabilities")
+    if background is not None:
+        if background.ndim != 2:
+            raise G4SegError(f"mask {path}: the background entry has shape {background.shape}; expected (H, W)")
+        background = _as_maps(path, background, "background")[0]
+    if stored is not None and stored and stored[0].lower() == BACKGROUND and background is None:
+        if len(stored) != probs.shape[0]:
+            raise G4SegError(f"mask {path} has {probs.shape[0]} probability maps but names {len(stored)} classes")
+        background, probs, stored = probs[0], probs[1:], stored[1:]
     if stored is not None:
         probs = _realign(path, probs, stored, classes)
+    elif probs.shape[0] == len(classes) + 1 and background is None:
+        background, probs = probs[0], probs[1:]
     elif probs.shape[0] != len(classes):
         raise G4SegError(f"mask {path} has {probs.shape[0]} probability maps but {len(classes)} classes were given "
-                         f"({_list(classes)})")
-    if not np.isfinite(probs).all():
-        raise G4SegError(f"mask {path} has non-finite probabilities (NaN or inf)")
-    if probs.min() < 0 or probs.max() > 1:
-        raise G4SegError(f"mask {path} has probabilities in [{probs.min():g}, {probs.max():g}]; expected [0, 1]")
-    return probs
+                         f"({_list(classes)}); expected {len(classes)} (one per class) or {len(classes) + 1} "
+                         f"(background first)")
+    if background is not None and background.shape != probs.shape[1:]:
+        raise G4SegError(f"mask {path}: the background map is {_size(background.shape)} but the class maps are "
+                         f"{_size(probs.shape[1:])}")
+    for name, values in (("probabilities", probs), ("background", background)):
+        if values is None:
+            continue
+        if not np.isfinite(values).all():
+            raise G4SegError(f"mask {path} has non-finite {name} (NaN or inf)")
+        if values.min() < 0 or values.max() > 1:
+            raise G4SegError(f"mask {path} has {name} in [{values.min():g}, {values.max():g}]; expected [0, 1]")
+    return probs, background
 
 
-def _load_array(path: Path) -> tuple[np.ndarray, list[str] | None]:
-    """The probability array and, for an npz that names them, its class names (no pickles)."""
+def _as_maps(path: Path, values: np.ndarray, what: str) -> np.ndarray:
+    """A numeric array as float32 (N, H, W); (H, W) is one map."""
+    if values.dtype.kind not in "biuf":
+        raise G4SegError(f"mask {path} holds {values.dtype} values; expected probabilities in [0, 1]")
+    values = values.astype(np.float32)
+    if values.ndim == 2:
+        values = values[None]
+    if values.ndim != 3:
+        raise G4SegError(f"mask {path} has shape {values.shape}; expected (K, H, W) or (H, W)")
+    return values
+
+
+def _load_array(path: Path) -> tuple[np.ndarray, list[str] | None, np.ndarray | None]:
+    """The probability array, the class names an npz stores, and its background entry (no pickles)."""
     import zipfile
 
     suffix = path.suffix.lower()
@@ -165,12 +200,13 @@ def _load_array(path: Path) -> tuple[np.ndarray, list[str] | None]:
             raise G4SegError(f"cannot read mask {path}: not a {suffix} file")
     try:
         if suffix == ".npy":
-            return np.load(path, allow_pickle=False), None
+            return np.load(path, allow_pickle=False), None, None
         with np.load(path, allow_pickle=False) as archive:
             if "probs" not in archive.files:
                 raise G4SegError(f"mask {path} has no 'probs' array (it holds: {_list(archive.files) or 'nothing'})")
             stored = [str(c) for c in archive["classes"].tolist()] if "classes" in archive.files else None
-            return archive["probs"], stored
+            background = archive[BACKGROUND] if BACKGROUND in archive.files else None
+            return archive["probs"], stored, background
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise G4SegError(f"cannot read mask {path}: {exc}".splitlines()[0]) from None
 

@@ -10,12 +10,19 @@ import typer
 from g4seg.errors import G4SegError
 from g4seg.io import IMAGE_SUFFIXES
 
+NO_MASK_FILE_TAG = "no-mask-file"  # mask sources that make coarse masks from the image alone
+BACKGROUND = "background"
+
+
 def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def collect_items(inputs: list[Path], mask: Path | None) -> list:
-    """Work items for image files and folders; a folder ``mask`` is searched by the image's stem."""
+def collect_items(inputs: list[Path], mask: Path | None, needs_mask: bool = True) -> list:
+    """Work items for image files and folders; a folder ``mask`` is searched by the image's stem.
+
+    A mask source that works from the image alone (``needs_mask`` false) takes no ``mask``.
+    """
     from g4seg.runner import WorkItem, find_mask
 
     images: list[Path] = []
@@ -32,8 +39,13 @@ def collect_items(inputs: list[Path], mask: Path | None) -> list:
     if len(set(stems)) != len(stems):
         raise G4SegError("two inputs share a file name stem; outputs would collide: "
                          + ", ".join(sorted({s for s in stems if stems.count(s) > 1})))
+    if not needs_mask:
+        if mask is not None:
+            raise G4SegError("this mask source makes coarse masks from the images; leave out --mask")
+        return [WorkItem(p.stem, p, None) for p in images]
     if mask is None:
-        raise G4SegError("--mask is required (a mask file, or a folder of masks named like the images)")
+        raise G4SegError("--mask is required (a mask file, or a folder of masks named like the images), "
+                         "or use a mask source that needs none, e.g. --mask-source sclip")
     if not mask.exists():
         raise G4SegError(f"mask not found: {mask}")
     if mask.is_file() and len(images) > 1:
@@ -41,16 +53,32 @@ def collect_items(inputs: list[Path], mask: Path | None) -> list:
     return [WorkItem(p.stem, p, mask if mask.is_file() else find_mask(mask, p.stem)) for p in images]
 
 
-def dataset_items(name: str, root: Path | None, split: str | None, coarse: Path | None) -> tuple[list, list[str]]:
+def dataset_items(name: str, root: Path | None, split: str | None, coarse: Path | None,
+                  needs_mask: bool = True) -> tuple[list, list[str]]:
     """Work items and class names of a dataset split, after checking its layout."""
     from g4seg import runner
     from g4seg.plugins import registry
 
-    if root is None or split is None or coarse is None:
-        raise G4SegError("--dataset needs --root, --split and --coarse")
+    if root is None or split is None or (coarse is None and needs_mask):
+        raise G4SegError("--dataset needs --root, --split and --coarse (or a mask source that needs no mask "
+                         "files, e.g. --mask-source sclip)")
+    if coarse is not None and not needs_mask:
+        raise G4SegError("this mask source makes coarse masks from the images; leave out --coarse")
     dataset = registry().get("dataset", name).build({"root": root, "split": split})
     dataset.check()
+    if not needs_mask:
+        return [runner.WorkItem(i, dataset.image_path(i), None) for i in dataset.ids()], list(dataset.classes)
     return runner.dataset_items(dataset, coarse), list(dataset.classes)
+
+
+def class_list(text: str | None) -> list[str]:
+    """``--classes`` as names; a leading ``background`` only says that stacks hold it first (K+1 maps)."""
+    names = [c.strip() for c in (text or "").split(",") if c.strip()]
+    if names and names[0].lower() == BACKGROUND:
+        names = names[1:]
+    if not names:
+        raise G4SegError("--classes is required (comma-separated class names in mask order)")
+    return names
 
 
 def refine_command(
@@ -77,11 +105,32 @@ def refine_command(
         Optional[str], typer.Option(help="Prompt template with {} for the class; default 'a photo of {}'.")
     ] = None,
     resolution: Annotated[Optional[int], typer.Option(help="Square model input side; default the backbone's.")] = None,
-    soften_sigma: Annotated[
-        Optional[float], typer.Option(help="Blur of hard masks, fraction of the short side; default 0.03.")
+    ramp_width: Annotated[
+        Optional[float], typer.Option(help="Signed-distance ramp of hard masks, fraction of the short side; "
+                                           "default 0.05.")
+    ] = None,
+    merge: Annotated[
+        Optional[str], typer.Option(help="Label rule of probability stacks: auto, threshold, argmax-bg, sclip or "
+                                         "pow; default auto (the mask source's own).")
     ] = None,
     bg_threshold: Annotated[
-        Optional[float], typer.Option(help="Background below this probability; default 0.5.")
+        Optional[float], typer.Option(help="merge threshold: background below this probability; default 0.5.")
+    ] = None,
+    prob_thd: Annotated[
+        Optional[float], typer.Option(help="merge sclip: background below this score; default the source's.")
+    ] = None,
+    area_thd: Annotated[
+        Optional[float], typer.Option(help="merge sclip: drop classes at most this share of the foreground; "
+                                           "default the source's.")
+    ] = None,
+    bg_power: Annotated[
+        Optional[float], typer.Option(help="merge pow: background score (1 - max)^k; default 1.")
+    ] = None,
+    guidance_scale: Annotated[
+        Optional[float], typer.Option(help="Classifier-free guidance scale; default off (the paper).")
+    ] = None,
+    class_embedding: Annotated[
+        Optional[str], typer.Option(help="Class-name token embeddings: prompt or alone; default prompt.")
     ] = None,
     class_batch: Annotated[
         Optional[int], typer.Option(help="Classes per UNet call; lower it if memory runs out; default 8.")
@@ -95,6 +144,9 @@ def refine_command(
     config: Annotated[Optional[Path], typer.Option(help="TOML config file; flags override it.")] = None,
     save_generated: Annotated[bool, typer.Option("--save-generated", help="Also save the generated images.")] = False,
     save_overlay: Annotated[bool, typer.Option("--save-overlay", help="Also save label overlays.")] = False,
+    save_coarse: Annotated[
+        bool, typer.Option("--save-coarse", help="Also save the coarse (input) label maps to OUT/coarse/.")
+    ] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo images already done.")] = False,
     fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first failing image.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
@@ -115,26 +167,30 @@ def refine_command(
     cfg = load_config(
         config, backbone=backbone, injector=injector, extractor=extractor, postprocessor=postprocessor,
         mask_source=mask_source, timestep=timestep, beta=beta, cf=band, seed=seed, prompt=prompt,
-        resolution=resolution, soften_sigma=soften_sigma, bg_threshold=bg_threshold, class_batch=class_batch,
+        resolution=resolution, ramp_width=ramp_width, merge=merge, bg_threshold=bg_threshold, prob_thd=prob_thd,
+        area_thd=area_thd, bg_power=bg_power, guidance_scale=guidance_scale, class_embedding=class_embedding,
+        class_batch=class_batch,
         device=device, dtype=dtype, offline=offline or None, options=options or None,
     )
+    from g4seg.plugins import registry
+
+    needs_mask = NO_MASK_FILE_TAG not in registry().get("mask_source", cfg.mask_source).tags
     if dataset is not None:
         if inputs:
             raise G4SegError("give either INPUT images or --dataset, not both")
-        items, class_names = dataset_items(dataset, root, split, coarse)
+        items, class_names = dataset_items(dataset, root, split, coarse, needs_mask)
     else:
         if not inputs:
             raise G4SegError("give INPUT images/folders, or --dataset with --root/--split/--coarse")
-        class_names = [c.strip() for c in (classes or "").split(",") if c.strip()]
-        if not class_names:
-            raise G4SegError("--classes is required (comma-separated class names in mask order)")
-        items = collect_items(inputs, mask)
+        class_names = class_list(classes)
+        items = collect_items(inputs, mask, needs_mask)
 
     from g4seg import runner
     from g4seg.sharding import current_shard
 
     summary = runner.run(items, out, cfg, class_names, overwrite=overwrite, fail_fast=fail_fast,
-                         save_generated=save_generated, save_overlay=save_overlay, progress=progress)
+                         save_generated=save_generated, save_overlay=save_overlay, save_coarse=save_coarse,
+                         progress=progress)
     shard = current_shard()
     prefix = f"rank {shard.rank}: " if shard.world_size > 1 else ""
     typer.echo(f"{prefix}done {summary.done}, skipped {summary.skipped}, failed {summary.failed} -> {summary.out_dir}")
