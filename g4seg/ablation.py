@@ -1,8 +1,9 @@
 """Ablations: the cartesian product of settings, each cell an ordinary resumable run, then one report.
 
 A grid file (TOML, see ``docs/runs.md``) names one dataset split and one coarse-mask folder, the base
-settings, and the axes to vary: backbones, injectors (with options), extractors, timesteps, betas and
-confidence bands. Cell ``C`` is refined into ``OUT/cells/C/`` by :func:`g4seg.runner.run` (so a rerun
+settings, and the axes to vary: backbones, injectors (with options), extractors, timesteps, betas,
+confidence bands, and ``variants`` (labelled sets of any other engine settings, e.g. ramp width, merge
+rule, guidance, class embedding: the choices DESIGN.md section 2 decides and asks to compare). Cell ``C`` is refined into ``OUT/cells/C/`` by :func:`g4seg.runner.run` (so a rerun
 resumes it and a sharded launch splits its images) and scored with :func:`g4seg.evaluation.evaluate`.
 Pairs a backbone cannot run with an injector are listed as skipped with the reason.
 
@@ -37,8 +38,8 @@ if TYPE_CHECKING:
     from g4seg.refiner import Refiner
     from g4seg.registry import Runtime
 
-AXES = ("backbones", "injectors", "extractors", "timesteps", "betas", "cf")
-CSV_COLUMNS = ("cell", "backbone", "injector", "extractor", "timestep", "beta", "cf_lo", "cf_hi", "status",
+AXES = ("backbones", "injectors", "extractors", "timesteps", "betas", "cf", "variants")
+CSV_COLUMNS = ("cell", "backbone", "injector", "extractor", "timestep", "beta", "cf_lo", "cf_hi", "variant", "status",
                "miou", "gain", "images", "failed", "sec_per_image", "note")
 
 
@@ -57,6 +58,21 @@ class Choice(BaseModel):
         return re.sub(r"[^A-Za-z0-9.+-]+", "-", self.label or self.name).strip("-") or "x"
 
 
+class Variant(BaseModel):
+    """A labelled set of engine settings (RefineConfig fields other than the axes' own), e.g. a ramp width."""
+
+    model_config = ConfigDict(extra="allow")
+
+    label: str
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+AXIS_SETTINGS = ("backbone", "injector", "extractor", "timestep", "beta", "cf")
+
+
 class Axes(BaseModel):
     """What varies; an axis left out takes its single value from ``base`` (or the default)."""
 
@@ -68,6 +84,7 @@ class Axes(BaseModel):
     timesteps: list[int] | None = None
     betas: list[float] | None = None
     cf: list[tuple[float, float]] | None = None
+    variants: list[Variant] | None = None
 
 
 class GridFile(BaseModel):
@@ -96,11 +113,12 @@ class Cell:
     cf: tuple[float, float]
     config: RefineConfig | None
     skip: str | None = None
+    variant: str = ""
 
     def row(self) -> dict[str, Any]:
         return {"cell": self.id, "backbone": self.backbone.tag, "injector": self.injector.tag,
                 "extractor": self.extractor.tag, "timestep": self.timestep, "beta": self.beta,
-                "cf_lo": self.cf[0], "cf_hi": self.cf[1]}
+                "cf_lo": self.cf[0], "cf_hi": self.cf[1], "variant": self.variant}
 
 
 @dataclass
@@ -181,12 +199,29 @@ def _values(values: list | None, default: Any, axis: str) -> list:
     return values
 
 
+def _variants(variants: list[Variant] | None) -> list[Variant | None]:
+    if not variants:
+        return [None]
+    labels = [v.label for v in variants]
+    for v in variants:
+        if labels.count(v.label) > 1 or not re.fullmatch(r"[A-Za-z0-9.+-]+", v.label):
+            raise G4SegError(f"grid.variants: label '{v.label}' must be unique and use only letters, digits, "
+                             f"'.', '+' and '-'")
+        clash = sorted(set(v.settings) & set(AXIS_SETTINGS))
+        if clash:
+            raise G4SegError(f"grid.variants: '{v.label}' sets {', '.join(clash)}, which have axes of their own")
+    return list(variants)
+
+
 def _cell_config(base: dict[str, Any], backbone: Choice, injector: Choice, extractor: Choice,
-                 timestep: int, beta: float, cf: tuple[float, float]) -> RefineConfig:
+                 timestep: int, beta: float, cf: tuple[float, float], variant: Variant | None) -> RefineConfig:
+    settings = {**base, **(variant.settings if variant else {})}
     options = {kind: dict(values) for kind, values in base.get("options", {}).items()}
+    for kind, values in (variant.settings.get("options", {}) if variant else {}).items():
+        options[kind] = {**options.get(kind, {}), **values}
     for kind, choice in (("backbone", backbone), ("injector", injector), ("extractor", extractor)):
         options[kind] = {**options.get(kind, {}), **choice.options}
-    return load_config(None, **{**base, "backbone": backbone.name, "injector": injector.name,
+    return load_config(None, **{**settings, "backbone": backbone.name, "injector": injector.name,
                                 "extractor": extractor.name, "timestep": timestep, "beta": beta, "cf": cf,
                                 "options": options})
 
@@ -201,14 +236,18 @@ def plan_cells(grid: GridFile) -> list[Cell]:
     timesteps = _values(axes.timesteps, base_config.timestep, "timesteps")
     betas = _values(axes.betas, base_config.beta, "betas")
     bands = _values(axes.cf, base_config.cf, "cf")
+    variants = _variants(axes.variants)
     reg = registry()
     cells = []
-    for bb, inj, ext, t, beta, cf in itertools.product(backbones, injectors, extractors, timesteps, betas, bands):
+    for bb, inj, ext, t, beta, cf, variant in itertools.product(backbones, injectors, extractors, timesteps, betas,
+                                                                 bands, variants):
         cell_id = f"{bb.tag}_{inj.tag}_{ext.tag}_t{t}_b{beta:g}_cf{cf[0]:g}-{cf[1]:g}"
+        if variant is not None:
+            cell_id += f"_{variant.label}"
         reg.get("extractor", ext.name)  # an unknown name fails here, before anything runs
         reason = incompatibility(reg.get("injector", inj.name), reg.get("backbone", bb.name))
-        config = None if reason else _cell_config(grid.base, bb, inj, ext, t, beta, cf)
-        cells.append(Cell(cell_id, bb, inj, ext, t, beta, cf, config, reason))
+        config = None if reason else _cell_config(grid.base, bb, inj, ext, t, beta, cf, variant)
+        cells.append(Cell(cell_id, bb, inj, ext, t, beta, cf, config, reason, variant.label if variant else ""))
     return cells
 
 
@@ -353,14 +392,14 @@ def _fmt(value: float | None, signed: bool = False) -> str:
 def _markdown(report: AblationReport, plots: list[str]) -> str:
     coarse = _fmt(report.coarse_miou) if report.coarse_miou is not None else report.coarse_note
     lines = [f"# Ablation on {report.dataset} ({report.split})", "", f"Coarse masks (baseline) mIoU: {coarse}", "",
-             "| cell | backbone | injector | extractor | t | beta | cf | mIoU | gain | images | s/image |",
-             "|---|---|---|---|---:|---:|---|---:|---:|---:|---:|"]
+             "| cell | backbone | injector | extractor | t | beta | cf | variant | mIoU | gain | images | s/image |",
+             "|---|---|---|---|---:|---:|---|---|---:|---:|---:|---:|"]
     for r in report.results:
         if r.status == "done":
             c = r.cell
             lines.append(f"| {c.id} | {c.backbone.tag} | {c.injector.tag} | {c.extractor.tag} | {c.timestep} | "
-                         f"{c.beta:g} | [{c.cf[0]:g}, {c.cf[1]:g}] | {_fmt(r.miou)} | {_fmt(r.gain, True)} | "
-                         f"{r.images} | {_fmt(r.sec_per_image)} |")
+                         f"{c.beta:g} | [{c.cf[0]:g}, {c.cf[1]:g}] | {c.variant or '-'} | {_fmt(r.miou)} | "
+                         f"{_fmt(r.gain, True)} | {r.images} | {_fmt(r.sec_per_image)} |")
     for title, statuses in (("Skipped", ("skipped",)), ("Not scored", ("error", "failed", "pending"))):
         listed = [r for r in report.results if r.status in statuses]
         if listed:
@@ -387,8 +426,8 @@ def _plots(report: AblationReport) -> list[str]:
     for r in scored:
         c = r.cell
         groups.setdefault((c.backbone.tag, c.injector.tag, c.extractor.tag, f"beta={c.beta:g}",
-                           f"cf=[{c.cf[0]:g},{c.cf[1]:g}]"), []).append(r)
-    varying = [i for i in range(5) if len({key[i] for key in groups}) > 1]
+                           f"cf=[{c.cf[0]:g},{c.cf[1]:g}]", c.variant), []).append(r)
+    varying = [i for i in range(6) if len({key[i] for key in groups}) > 1]
     figure = Figure(figsize=(6.4, 4.2))
     ax = figure.add_subplot()
     for key, members in groups.items():

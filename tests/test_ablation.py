@@ -99,7 +99,27 @@ def test_plan_is_the_product_with_unsupported_pairs_skipped(fakes, tmp_path):
     assert (eq5.config.timestep, eq5.config.cf, eq5.config.beta) == (400, (0.1, 0.7), 0.8)
 
 
+def test_variants_axis_compares_engine_settings(fakes, tmp_path):
+    """The choices DESIGN.md section 2 leaves open (ramp width, merge, guidance...) are one axis of labelled sets."""
+    voc, coarse = make_voc(tmp_path)
+    grid = ablation.load_grid(write_grid(
+        tmp_path / "g.toml", voc, coarse, 'device = "cpu"\nramp_width = 0.02\n[base.options.injector]\nw_self = 0.5',
+        'betas = [0.8, 0.9]\nvariants = [{ label = "ramp2" }, { label = "ramp8-cfg", ramp_width = 0.08, '
+        'guidance_scale = 3.0, options = { injector = { strength = 0.5 } } }]'))
+    cells = ablation.plan_cells(grid)
+    assert [c.id for c in cells] == ["sd21_attn_clip_t400_b0.8_cf0.2-0.6_ramp2", "sd21_attn_clip_t400_b0.8_cf0.2-0.6_ramp8-cfg",
+                                     "sd21_attn_clip_t400_b0.9_cf0.2-0.6_ramp2", "sd21_attn_clip_t400_b0.9_cf0.2-0.6_ramp8-cfg"]
+    plain, tuned = cells[0].config, cells[1].config
+    assert (plain.ramp_width, plain.guidance_scale, plain.options["injector"]) == (0.02, None, {"w_self": 0.5})
+    assert (tuned.ramp_width, tuned.guidance_scale) == (0.08, 3.0)
+    assert tuned.options["injector"] == {"w_self": 0.5, "strength": 0.5}
+    assert cells[1].row()["variant"] == "ramp8-cfg"
+
+
 @pytest.mark.parametrize("grid,message", [
+    ('variants = [{ label = "a", beta = 0.5 }]', "grid.variants: 'a' sets beta, which have axes of their own"),
+    ('variants = [{ label = "a" }, { label = "a" }]', "grid.variants: label 'a' must be unique"),
+    ('variants = [{ label = "a", ramp_width = 7 }]', "ramp_width"),
     ('injectors = ["attn", { name = "attn", options = { rule = "eq5" } }]', "'attn' appears more than once"),
     ("timesteps = [400, 1000]", "timestep"),
     ('backbones = ["sd99"]', "unknown backbone 'sd99'"),
