@@ -1,4 +1,6 @@
-"""The attention injector: Eq. 3/4 placement, the dense and eq5 rules, exact no-ops and clean restores."""
+"""The attention injector: Eq. 3/4 placement, the dense and eq5 rules, guidance, exact no-ops and restores.
+
+Parity with DenseDiffusion's published code is in test_densediffusion_parity.py."""
 
 from __future__ import annotations
 
@@ -66,10 +68,14 @@ def hand_cells(b: int, grid: tuple[int, int]) -> list[bool]:
             for i in range(h * w)]
 
 
-def hand_relation(kind: str, grid: tuple[int, int]) -> torch.Tensor:
+def hand_relation(kind: str, grid: tuple[int, int], rule: str = "eq5") -> torch.Tensor:
+    """Eq. 3 / Eq. 4 from the hand cells; for the dense rule's self layers, same-region pairs."""
     out = []
     for b in range(len(RECTS)):
         cells = hand_cells(b, grid)
+        if kind == "self" and rule == "dense":
+            out.append([[ci == cj for cj in cells] for ci in cells])
+            continue
         keys = cells if kind == "self" else [j in CLASS_TOKENS[b] for j in range(TOKENS)]
         out.append([[ci and kj for kj in keys] for ci in cells])
     return torch.tensor(out)
@@ -98,10 +104,15 @@ def run_probe(proc, kind: str, grid: tuple[int, int], attn: Attention | None = N
     return proc(attn, torch.zeros(len(RECTS), n, m) if hidden is None else hidden, encoder_hidden_states=eye)
 
 
-def unet_out(unet, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+def unet_out(unet, context_mask: torch.Tensor | None = None, double: bool = False) -> torch.Tensor:
+    """One seeded UNet call on a batch of len(RECTS); ``double``: a 2B guidance batch [uncond, cond]."""
     g = torch.Generator().manual_seed(1)
     latents = torch.randn(len(RECTS), 4, H // 8, W // 8, generator=g)
     context = torch.randn(len(RECTS), TOKENS, 12, generator=g)
+    if double:
+        latents = torch.cat([latents, latents])
+        context = torch.cat([torch.randn(len(RECTS), TOKENS, 12, generator=g), context])  # "unconditional" first
+        context_mask = None if context_mask is None else torch.cat([context_mask, context_mask])
     with torch.no_grad():
         return unet(latents, 400, encoder_hidden_states=context, encoder_attention_mask=context_mask).sample
 
@@ -125,17 +136,30 @@ def test_literal_mask_at_the_coarsest_grid():
                                       [False, False, False, False, True, False, False, False]]
 
 
-def test_relations_at_every_resolution_match_hand_made_masks():
+@pytest.mark.parametrize("rule", ["dense", "eq5"])
+def test_relations_at_every_resolution_match_hand_made_masks(rule):
     backbone = StubBackbone(tiny_unet())
     layers = backbone.attention_layers((H // 8, W // 8))
-    procs = injector().processors(backbone, hand_masks(), CLASS_TOKENS, 400)
+    procs = injector(rule=rule).processors(backbone, hand_masks(), CLASS_TOKENS, 400)
     assert set(procs) == {layer.name for layer in layers}  # defaults inject everywhere
     assert {layer.grid for layer in layers} == {(8, 16), (4, 8), (2, 4)}
     for layer in layers:
         proc = procs[layer.name]
         assert (proc.kind, proc.grid) == (layer.kind, layer.grid)
         keys = layer.grid[0] * layer.grid[1] if layer.kind == "self" else TOKENS
-        assert torch.equal(proc.relation(keys, torch.device("cpu")), hand_relation(layer.kind, layer.grid)), layer
+        relation = proc.relation(keys, torch.device("cpu"))
+        assert relation.dtype == torch.bool
+        assert torch.equal(relation, hand_relation(layer.kind, layer.grid, rule)), layer
+
+
+def test_dense_self_relation_adds_the_background_pairs_by_hand():
+    """At (2, 4) entry 0 covers cells 1, 2: Eq. 4 relates 1-1, 1-2, 2-1, 2-2; the dense rule also
+    relates every pair of the six background cells 0, 3, 4, 5, 6, 7."""
+    procs = injector().processors(StubBackbone(tiny_unet()), hand_masks(), CLASS_TOKENS, 400)
+    coarse = next(p for p in procs.values() if p.grid == (2, 4) and p.kind == "self")
+    related = {(i, j) for i, j in coarse.relation(8, torch.device("cpu"))[0].nonzero().tolist()}
+    fg, bg = [1, 2], [0, 3, 4, 5, 6, 7]
+    assert related == {(i, j) for i in fg for j in fg} | {(i, j) for i in bg for j in bg}
 
 
 @pytest.mark.parametrize("kind", ["self", "cross"])
@@ -174,13 +198,63 @@ def test_dense_modulation_on_hand_rows():
 
 
 def test_area_share_and_time_weight_by_hand():
-    pixels = torch.tensor([[True, True, False, False], [False, False, False, False], [True, True, True, True]])
-    assert area_share(pixels).tolist() == [[0.5, 0.5, 0.0, 0.0], [0.0] * 4, [1.0] * 4]
+    """The share of each pixel's own region: 1 of 4 cells in the mask -> 0.25 there, 0.75 outside."""
+    pixels = torch.tensor([[True, False, False, False], [False] * 4, [True] * 4, [True, True, False, False]])
+    assert area_share(pixels).tolist() == [[0.25, 0.75, 0.75, 0.75], [1.0] * 4, [1.0] * 4, [0.5] * 4]
     assert lambda_t(400) == pytest.approx(0.4 ** 5) and lambda_t(1000) == 1.0
     strengths = injector(w_cross=1.0, w_self=0.3, time_weight=True).strengths(400)
     assert strengths == pytest.approx({"cross": 0.01024, "self": 0.003072})
     assert injector().strengths(400) == {"cross": 1.0, "self": 0.3}
     assert injector(rule="eq5", alpha=8.0, cross=False).strengths(0) == {"self": 8.0}
+
+
+def test_strength_scales_both_rules_as_documented():
+    """lambda = strength * ((t/1000)^5 if time_weight): w_kind * lambda (dense), alpha * lambda (eq5)."""
+    assert AttnOptions().strength == 1.0
+    assert injector(strength=0.5).strengths(400) == pytest.approx({"cross": 0.5, "self": 0.15})
+    assert injector(strength=2.0, w_self=0.25).strengths(0) == pytest.approx({"cross": 2.0, "self": 0.5})
+    assert injector(strength=0.5, time_weight=True).strengths(400) == pytest.approx(
+        {"cross": 0.5 * 0.01024, "self": 0.5 * 0.3 * 0.01024})
+    assert injector(rule="eq5", alpha=8.0, strength=0.25).strengths(400) == pytest.approx({"cross": 2.0, "self": 2.0})
+    assert injector(strength=0.0).strengths(400) == {}
+    assert injector(rule="eq5", strength=0.0).strengths(400) == {}
+
+
+def test_strength_scales_the_dense_factor_on_a_hand_row():
+    """One foreground cell of four, scores 0..3 in every row: the foreground row's factor is
+    w * lambda * (1 - 1/4); strength 0.5 halves it (0.375) and strength 4/3 makes it 1."""
+    q, k, v = torch.ones(1, 1, 4, 1), torch.arange(4.0).view(1, 1, 4, 1), torch.eye(4).view(1, 1, 4, 4)
+    pixels = torch.tensor([[True, False, False, False]])
+    for strength, s in [(0.5, 0.375), (4 / 3, 1.0)]:
+        factor = injector(w_self=1.0, strength=strength).strengths(0)["self"]  # w_self * strength
+        got = MaskedAttnProcessor("self", (1, 4), pixels, [[0]], "dense", factor).attend(q, k, v, 1.0, None)
+        row0 = torch.tensor([0 + s * 3, 1 - s * 1, 2 - s * 2, 3 - s * 3])  # cell 0 related, max 3, min 0
+        torch.testing.assert_close(got[0, 0, 0], row0.softmax(-1), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["self", "cross"])
+def test_background_rows_are_not_flattened(kind):
+    """Hand rows on a (1, 4) grid whose mask is cell 0 only; scores 0, 1, 2, 3 in every row (max 3, min 0).
+
+    Foreground share 1/4, background share 3/4, w = strength = 1: factor 0.75 on the foreground row,
+    1 - 3/4 = 0.25 on the background rows. Self: a background row relates to the background cells 1-3,
+    which move up toward 3; cell 0 is at the min already. Cross (class token 2): a background row has no
+    related token and moves toward its min by 0.25 only. The old rule (factor 1 and nothing related on
+    background rows) made every background row uniform.
+    """
+    q, k, v = torch.ones(1, 1, 4, 1), torch.arange(4.0).view(1, 1, 4, 1), torch.eye(4).view(1, 1, 4, 4)
+    pixels = torch.tensor([[True, False, False, False]])
+    proc = MaskedAttnProcessor(kind, (1, 4), pixels, [[2]], "dense", 1.0)
+    got = proc.attend(q, k, v, 1.0, None)[0, 0]  # the value is the identity: rows are attention weights
+    if kind == "self":
+        fg = [0 + 0.75 * 3, 1 - 0.75 * 1, 2 - 0.75 * 2, 3 - 0.75 * 3]  # 2.25, 0.25, 0.5, 0.75
+        bg = [0 - 0.25 * 0, 1 + 0.25 * 2, 2 + 0.25 * 1, 3 + 0.25 * 0]  # 0, 1.5, 2.25, 3
+    else:
+        fg = [0 - 0.75 * 0, 1 - 0.75 * 1, 2 + 0.75 * 1, 3 - 0.75 * 3]  # 0, 0.25, 2.75, 0.75
+        bg = [0 - 0.25 * 0, 1 - 0.25 * 1, 2 - 0.25 * 2, 3 - 0.25 * 3]  # 0, 0.75, 1.5, 2.25
+    expected = torch.tensor([fg, bg, bg, bg]).softmax(-1)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert (got[1:].amax(-1) - got[1:].amin(-1) > 0.3).all()  # far from uniform (the old 0.25 everywhere)
 
 
 @pytest.mark.parametrize("kind", ["self", "cross"])
@@ -201,10 +275,11 @@ def test_dense_processor_matches_a_hand_reference(kind):
     with torch.no_grad():
         got = run_probe(proc, kind, grid, attn, hidden)
         scores = attn.to_q(hidden) @ attn.to_k(keys_in).transpose(1, 2) / math.sqrt(m)
-    relation = hand_relation(kind, grid)
-    cells = torch.tensor([hand_cells(b, grid) for b in range(len(RECTS))]).float()
-    share = cells * cells.sum(1, keepdim=True) / n  # entry 0 covers 8 of 32 cells, entry 1 covers 4 + 2
-    assert cells.sum(1).tolist() == [8.0, 6.0]
+    relation = hand_relation(kind, grid, "dense")
+    cells = [hand_cells(b, grid) for b in range(len(RECTS))]
+    assert [sum(c) for c in cells] == [8, 6]  # entry 0 covers 8 of 32 cells, entry 1 covers 4 + 2
+    # share of the own region: 8/32 inside and 24/32 outside for entry 0, 6/32 and 26/32 for entry 1
+    share = torch.tensor([[(8 if c else 24) / 32 for c in cells[0]], [(6 if c else 26) / 32 for c in cells[1]]])
     s = (w * (1 - share))[..., None]
     mx, mn = scores.max(-1, keepdim=True).values, scores.min(-1, keepdim=True).values
     expected = torch.where(relation, scores + s * (mx - scores), scores - s * (scores - mn)).softmax(-1) @ keys_in
@@ -220,20 +295,24 @@ def test_eq5_default_bias_value():
 
 # --- exactness, restore, selection ---------------------------------------------------------------
 
+@pytest.mark.parametrize("guided", [False, True], ids=["plain", "guided"])
 @pytest.mark.parametrize("options,timestep", [
     ({"w_cross": 0.0, "w_self": 0.0}, 400),
     ({"rule": "eq5", "alpha": 0.0}, 400),
+    ({"strength": 0.0}, 400),
+    ({"rule": "eq5", "strength": 0.0}, 400),
     ({"cross": False, "self_attn": False}, 400),
     ({"time_weight": True}, 0),
 ])
-def test_zero_strength_gives_exactly_the_stock_output(options, timestep):
+def test_zero_strength_gives_exactly_the_stock_output(options, timestep, guided):
     unet = tiny_unet()
-    stock = stock_out()
     before = unet.attn_processors
-    with injector(**options).inject(StubBackbone(unet), hand_masks(), CLASS_TOKENS, timestep) as extra:
+    stock = unet_out(unet, double=guided)
+    with injector(**options).inject(StubBackbone(unet), hand_masks(), CLASS_TOKENS, timestep,
+                                    guided=guided) as extra:
         assert extra == {}
         assert all(unet.attn_processors[k] is v for k, v in before.items())
-        assert torch.equal(unet_out(unet), stock)
+        assert torch.equal(unet_out(unet, double=guided), stock)
 
 
 @pytest.mark.parametrize("context_mask", [None, torch.tensor([[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 0]])],
@@ -320,6 +399,64 @@ def test_bad_token_positions_and_batch_are_user_errors():
             unet_out(unet)  # the UNet batch is 2, the masks are for 1
     with pytest.raises(G4SegError, match="B token lists"):
         injector().processors(backbone, hand_masks(), CLASS_TOKENS[:1], 400)
+    with pytest.raises(G4SegError, match=r"guided=True needs 2 x 2 = 4 .*one per prompt"):
+        with injector().inject(backbone, hand_masks(), CLASS_TOKENS, 400, guided=True):
+            unet_out(unet)  # a plain batch of 2 where guidance needs [2 unconditional, 2 conditional]
+    with pytest.raises(G4SegError, match=r"got batch 4 .*without guidance the batch must be 2"):
+        with injector().inject(backbone, hand_masks(), CLASS_TOKENS, 400):
+            unet_out(unet, double=True)
+    assert all(unet.attn_processors[k] is v for k, v in original.items())
+
+
+# --- classifier-free guidance -----------------------------------------------------------------------
+
+def random_layer(kind: str, seed: int) -> Attention:
+    torch.manual_seed(seed)
+    attn = Attention(query_dim=16, cross_attention_dim=None if kind == "self" else 12, heads=2, dim_head=8)
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.normal_()
+    return attn
+
+
+@pytest.mark.parametrize("rule", ["dense", "eq5"])
+@pytest.mark.parametrize("kind,padded", [("self", False), ("cross", False), ("cross", True)],
+                         ids=["self", "cross", "cross-padded-context"])
+def test_guided_leaves_the_unconditional_half_bit_equal_to_stock(kind, rule, padded):
+    """[uncond, cond] batch of 4 for 2 prompts: entries 0-1 are diffusers' AttnProcessor2_0 bit for bit,
+    entries 2-3 are what the unguided processor makes of the conditional entries alone."""
+    grid, n = (4, 8), 32
+    backbone = StubBackbone(tiny_unet())
+    guided = injector(rule=rule).processors(backbone, hand_masks(), CLASS_TOKENS, 400, guided=True)
+    plain = injector(rule=rule).processors(backbone, hand_masks(), CLASS_TOKENS, 400)
+    name = next(k for k, p in guided.items() if p.kind == kind and p.grid == grid)
+    assert guided[name].guided and not plain[name].guided
+    attn = random_layer(kind, 7)
+    g = torch.Generator().manual_seed(8)
+    hidden = torch.randn(4, n, 16, generator=g)
+    context = None if kind == "self" else torch.randn(4, TOKENS, 12, generator=g)
+    keep = torch.tensor([[1.0, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 0]] * 2)
+    mask = ((1 - keep) * -10000.0)[:, None] if padded else None  # the additive form the UNet passes
+    with torch.no_grad():
+        stock = AttnProcessor2_0()(attn, hidden, context, attention_mask=mask)
+        got = guided[name](attn, hidden, context, attention_mask=mask)
+        cond = plain[name](attn, hidden[2:], None if context is None else context[2:],
+                           attention_mask=None if mask is None else mask[2:])
+    assert torch.equal(got[:2], stock[:2])
+    torch.testing.assert_close(got[2:], cond, atol=1e-6, rtol=0)
+    assert not torch.allclose(got[2:], stock[2:], atol=1e-3)  # the conditional half is modulated
+
+
+@pytest.mark.parametrize("rule", ["dense", "eq5"])
+def test_guided_unet_call_keeps_the_unconditional_output_bit_equal(rule):
+    """Through the whole UNet: the unconditional entries' output equals the stock UNet's on the same
+    2B batch exactly; the conditional entries change."""
+    unet = tiny_unet()
+    stock = unet_out(unet, double=True)
+    with injector(rule=rule).inject(StubBackbone(unet), hand_masks(), CLASS_TOKENS, 400, guided=True):
+        got = unet_out(unet, double=True)
+    assert torch.equal(got[:2], stock[:2])
+    assert not torch.allclose(got[2:], stock[2:], atol=1e-4)
 
 
 # --- fp16, options, the `none` injector ----------------------------------------------------------
@@ -367,17 +504,23 @@ def test_options_are_validated_through_the_spec():
         attn.parse_options({"resolutions": []})
     with pytest.raises(G4SegError, match="w_cross"):
         attn.parse_options({"w_cross": -1})
+    for bad in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(G4SegError, match="strength"):
+            attn.parse_options({"strength": bad})
+    assert attn.parse_options({"strength": 0.5, "time_weight": True}).strength == 0.5
     with pytest.raises(G4SegError, match="invalid options"):
         none.parse_options({"alpha": 1})
     built = attn.build({"rule": "eq5", "resolutions": [32, 16]})
     assert isinstance(built, AttentionInjector) and built.options.resolutions == [32, 16]
 
 
-def test_none_injector_changes_nothing():
+@pytest.mark.parametrize("guided", [False, True], ids=["plain", "guided"])
+def test_none_injector_changes_nothing(guided):
     unet = tiny_unet()
-    stock = stock_out()
+    stock = unet_out(unet, double=guided)
     original = unet.attn_processors
-    with injector_none.NoInjection().inject(StubBackbone(unet), hand_masks(), CLASS_TOKENS, 400) as extra:
+    with injector_none.NoInjection().inject(StubBackbone(unet), hand_masks(), CLASS_TOKENS, 400,
+                                            guided=guided) as extra:
         assert extra == {}
-        assert torch.equal(unet_out(unet), stock)
+        assert torch.equal(unet_out(unet, double=guided), stock)
     assert all(unet.attn_processors[k] is v for k, v in original.items())

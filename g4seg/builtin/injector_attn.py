@@ -9,37 +9,59 @@ multi-token name), the relations of the paper are
 
 Two rules turn a relation into modified scores (DESIGN.md section 2):
 
-``rule="eq5"`` - the paper's Eq. 5, ``softmax((QK^T + alpha A) / sqrt(d))``: an additive bias
-``alpha * A / sqrt(d)``. Default ``alpha = 16``: for SD 2.1 (the paper's backbone, head dim 64)
-that is +2 in the softmax logits, which multiplies the weight of a bound pair by e^2 ~ 7.4 before
-renormalising - enough to move where the class token and the foreground attend, yet below the
-several-logit spread of typical score rows, so the stock attention pattern is shifted, not replaced.
+``rule="eq5"`` - the paper's Eq. 5, ``softmax((QK^T + alpha A) / sqrt(d))`` with Eq. 3 and Eq. 4 as
+written: an additive bias ``alpha * A / sqrt(d)``. Default ``alpha = 16``: for SD 2.1 (the paper's
+backbone, head dim 64) that is +2 in the softmax logits, which multiplies the weight of a bound pair by
+e^2 ~ 7.4 before renormalising - enough to move where the class token and the foreground attend, yet
+below the several-logit spread of typical score rows, so the stock attention pattern is shifted, not
+replaced.
 
-``rule="dense"`` - DenseDiffusion's value-range modulation (naver-ai/DenseDiffusion, ``mod_forward``),
-reproduced with these decisions taken from its code:
+``rule="dense"`` - DenseDiffusion's value-range modulation, run as DenseDiffusion runs it
+(naver-ai/DenseDiffusion ``gradio_app.py``: ``mod_forward`` and the map preparation of
+``process_generation``) with two segments, the background (every cell outside the class mask on that
+grid) and the class:
 
 * Scores are the scaled ``QK^T / sqrt(d)``; each row's max and min are taken over all keys of the
   unmodulated row, per batch entry and head.
+* Self relation: ``A_self[i, j] = (m[i] == m[j])``, i.e. foreground-foreground *or*
+  background-background pairs (DenseDiffusion's ``sreg_maps``, the sum over all segments, its
+  background first, of the outer products of the resized layouts). ``rule="eq5"`` keeps Eq. 4.
+* Cross relation: Eq. 3 unchanged, the class tokens at the class pixels (DenseDiffusion's
+  ``creg_maps``: each segment's phrase tokens at that segment's pixels). G4Seg's prompt
+  ``"a photo of {class}"`` has no background phrase, so a background row has no related token.
 * Pairs with ``A = 1`` move toward the row max, all others toward the row min, both by the factor
-  ``s_i = w * lambda_t * (1 - share_i)``: ``score + s_i (target - score)``. DenseDiffusion's two
+  ``s_i = w * lambda * (1 - share_i)``: ``score + s_i (target - score)``. DenseDiffusion's two
   in-place updates touch disjoint entries, so this single interpolation is the same computation.
-* Out-of-mask for cross-attention is every pair with ``A = 0`` (DenseDiffusion's ``~(mask > 0)``
-  over all 77 positions): class tokens at pixels outside the mask, and also the start, end, padding
-  and other prompt tokens at every pixel. Rows of pixels outside the mask therefore move as a whole
-  toward their minimum, which flattens their text attention by ``1 - w * lambda_t``.
-* ``share_i = sum_j A_self[i, j] / N``, i.e. the mask's area share on that grid for a pixel inside
-  the mask and 0 outside it (DenseDiffusion's row sum of its self layout, size weight 1). It is
-  computed per grid from the resized mask and used by the self and the cross layers alike.
-* ``w_cross = 1.0``, ``w_self = 0.3``; ``lambda_t = 1`` unless ``time_weight`` (then
-  ``(t / 1000) ** 5`` as in DenseDiffusion, which with ``rule="eq5"`` scales ``alpha`` the same way).
-* G4Seg runs no classifier-free guidance, so the whole batch is modulated (DenseDiffusion modulated
-  the conditional half of its [uncond, cond] batch).
+  Every ``A = 0`` pair counts (DenseDiffusion's ``~(mask > 0)`` over all keys): for cross-attention
+  the start, end, padding and other prompt tokens at every pixel, and every token of a background row,
+  which therefore moves as a whole toward its row min - but only by the background row's factor.
+* ``share_i`` is the area share, on that grid, of pixel i's own region: ``mean(m)`` for a pixel
+  inside the mask, the background share ``1 - mean(m)`` outside it (DenseDiffusion's ``reg_sizes``:
+  the row sum of its self map over N, size weight 1). A background row's factor is thus
+  ``w * lambda * (1 - background share) = w * lambda * mean(m)``, not the full ``w * lambda``, so
+  background rows are not flattened. The shares are computed per grid from the resized mask and used
+  by the self and the cross layers alike (as DenseDiffusion does). An empty or full mask gives
+  ``s_i = 0`` everywhere on that grid.
+* ``w_cross = 1.0``, ``w_self = 0.3``.
+
+Strength. ``lambda = strength * ((t / 1000) ** 5 if time_weight else 1)``; ``(t / 1000) ** 5`` is
+DenseDiffusion's ``treg``. ``strength`` (default 1.0) scales both rules: the dense factor of a kind is
+``w_kind * lambda``, the eq5 bias ``alpha * lambda / sqrt(d)``. A kind whose factor is zero (zero
+``strength``, ``w_kind`` or ``alpha``, the kind switched off, or ``t = 0`` with ``time_weight``) gets
+no processor at all, so zero strength reproduces the stock UNet exactly.
+
+Guidance. With ``guided=True`` (classifier-free guidance) the UNet batch is 2B: B unconditional
+entries, then the B conditional ones; masks and token lists are given for the B prompts. Only the
+conditional half is modulated, as DenseDiffusion modulates only ``sim[int(sim.size(0)/2):]``; the
+unconditional half is stock attention, ``scaled_dot_product_attention`` called as diffusers'
+``AttnProcessor2_0`` calls it (on the float32 inputs, so bit-equal to the stock processor for a float32
+UNet). Without guidance (the paper's Eq. 2, the default) the whole batch is modulated.
 
 Both rules compute scores and softmax in float32 whatever the UNet's dtype (SD 2.1-768 needs upcast
 attention anyway; fp16 scores of large activations overflow) and cast the result back; the eq5 bias
-is passed to SDPA in the (upcast) query's dtype. A layer whose strength is zero gets no processor
-at all, so zero strength reproduces the stock UNet exactly. Processors are installed by layer name
-for the one call and the original processor objects are put back afterwards, also on error.
+is passed to SDPA in the (upcast) query's dtype. Processors are installed by layer name for the one
+call and the original processor objects are put back afterwards, also on error. The relation tensors
+are bool and built by broadcasting, once per processor and device.
 """
 
 from __future__ import annotations
@@ -63,10 +85,12 @@ class AttnOptions(Options):
     """Options of the attention injector (see the module docstring for the two rules)."""
 
     rule: Literal["dense", "eq5"] = Field("dense", description="dense: DenseDiffusion modulation; eq5: bias alpha*A")
-    w_cross: float = Field(1.0, ge=0.0, description="dense rule: strength at cross-attention layers")
-    w_self: float = Field(0.3, ge=0.0, description="dense rule: strength at self-attention layers")
+    w_cross: float = Field(1.0, ge=0.0, description="dense rule: w at cross-attention layers")
+    w_self: float = Field(0.3, ge=0.0, description="dense rule: w at self-attention layers")
     alpha: float = Field(16.0, ge=0.0, description="eq5 rule: injection weight; the bias is alpha/sqrt(head dim)")
-    time_weight: bool = Field(False, description="scale the strength by (t/1000)^5 as DenseDiffusion does")
+    strength: float = Field(1.0, ge=0.0, allow_inf_nan=False,
+                            description="lambda: scales w_cross/w_self (dense) and alpha (eq5); 0 = no injection")
+    time_weight: bool = Field(False, description="also multiply the strength by (t/1000)^5, DenseDiffusion's treg")
     cross: bool = Field(True, description="inject into cross-attention layers")
     self_attn: bool = Field(True, description="inject into self-attention layers")
     resolutions: list[PositiveInt] | None = Field(None, min_length=1, description="grid heights to inject at, "
@@ -99,10 +123,22 @@ def self_relation(pixels: torch.Tensor) -> torch.Tensor:
     return pixels[:, :, None] & pixels[:, None, :]
 
 
+def region_relation(pixels: torch.Tensor) -> torch.Tensor:
+    """The dense rule's self relation: (B, N) -> (B, N, N) bool, true where both pixels lie in the same
+    region (both in the mask or both in the background), DenseDiffusion's self map for two segments."""
+    return pixels[:, :, None] == pixels[:, None, :]
+
+
 def area_share(pixels: torch.Tensor) -> torch.Tensor:
-    """(B, N) -> (B, N) float32: sum_j A_self[i, j] / N, the mask's area share inside it, 0 outside."""
-    inside = pixels.float()
-    return inside * inside.mean(dim=1, keepdim=True)
+    """(B, N) -> (B, N) float32: the area share of each pixel's own region on this grid.
+
+    ``mean(m)`` inside the mask, ``1 - mean(m)`` outside it; equal to ``sum_j A[i, j] / N`` with ``A``
+    the :func:`region_relation` (DenseDiffusion's row sum of its self map).
+    """
+    import torch
+
+    inside = pixels.float().mean(dim=1, keepdim=True)
+    return torch.where(pixels, inside, 1.0 - inside)
 
 
 def dense_modulate(scores: torch.Tensor, relation: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
@@ -122,50 +158,86 @@ def eq5_bias(relation: torch.Tensor, alpha: float, scale: float) -> torch.Tensor
 
 
 def lambda_t(timestep: int) -> float:
-    """DenseDiffusion's lambda_t = (t/1000)^5."""
+    """DenseDiffusion's time weight treg = (t/1000)^5; multiplies the strength when ``time_weight`` is on."""
     return (timestep / 1000.0) ** 5
 
 
 class MaskedAttnProcessor:
     """A diffusers attention processor computing stock attention with one mask rule on its scores.
 
-    One object serves every layer of its kind on one grid; ``pixels`` is the (B, N) mask there.
+    One object serves every layer of its kind on one grid; ``pixels`` is the (B, N) mask there, one row
+    per prompt. With ``guided`` the attention batch is 2B (unconditional entries first) and only the
+    conditional half is modulated.
     """
 
     def __init__(self, kind: str, grid: tuple[int, int], pixels: torch.Tensor,
-                 token_indices: Sequence[Sequence[int]], rule: str, strength: float) -> None:
+                 token_indices: Sequence[Sequence[int]], rule: str, strength: float, guided: bool = False) -> None:
         self.kind, self.grid, self.pixels = kind, grid, pixels
-        self.token_indices, self.rule, self.strength = token_indices, rule, strength
+        self.token_indices, self.rule, self.strength, self.guided = token_indices, rule, strength, guided
+        self._cache: dict[tuple[Any, ...], torch.Tensor] = {}
 
     def relation(self, num_keys: int, device: torch.device) -> torch.Tensor:
-        pixels = self.pixels.to(device)
-        if self.kind == "cross":
-            return cross_relation(pixels, self.token_indices, num_keys)
-        return self_relation(pixels)
+        """(B, N, num_keys) bool: Eq. 3 for cross layers; Eq. 4 (eq5) or same-region pairs (dense) for self."""
+        key = ("relation", num_keys, str(device))
+        if key not in self._cache:
+            pixels = self.pixels.to(device)
+            if self.kind == "cross":
+                self._cache[key] = cross_relation(pixels, self.token_indices, num_keys)
+            elif self.rule == "dense":
+                self._cache[key] = region_relation(pixels)
+            else:
+                self._cache[key] = self_relation(pixels)
+        return self._cache[key]
+
+    def share(self, device: torch.device) -> torch.Tensor:
+        """(B, N) float32 area share of each pixel's own region (see :func:`area_share`)."""
+        key = ("share", str(device))
+        if key not in self._cache:
+            self._cache[key] = area_share(self.pixels.to(device))
+        return self._cache[key]
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
                attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """(B, heads, N, d) tensors -> (B, heads, N, d) in the value's dtype, computed in float32."""
+        """(batch, heads, N, d) tensors -> (batch, heads, N, d) in the value's dtype, computed in float32.
+
+        ``batch`` is B, or 2B with ``guided``: then the first B entries get stock attention.
+        """
+        import torch
         import torch.nn.functional as F
 
         batch, _, queries, _ = query.shape
-        if batch != self.pixels.shape[0] or queries != self.pixels.shape[1]:
+        prompts, cells = self.pixels.shape
+        expected = 2 * prompts if self.guided else prompts
+        if batch != expected or queries != cells:
+            how = (f"guided=True needs 2 x {prompts} = {expected} (unconditional entries, then conditional)"
+                   if self.guided else f"without guidance the batch must be {prompts}")
             raise G4SegError(f"attention at grid {self.grid} got batch {batch} with {queries} queries, but the "
-                             f"masks give batch {self.pixels.shape[0]} with {self.pixels.shape[1]} cells; "
-                             "masks must be at the backbone's input size, one per prompt")
+                             f"masks give {prompts} prompts with {cells} cells ({how}); masks must be at the "
+                             "backbone's input size, one per prompt")
         q, k, v = query.float(), key.float(), value.float()
-        relation = self.relation(k.shape[2], q.device)[:, None]
         extra = attention_mask.float() if attention_mask is not None else None
+        stock = None
+        if self.guided:
+            uncond_mask = None
+            if extra is not None:
+                uncond_mask, extra = (extra[:prompts], extra[prompts:]) if extra.shape[0] == batch else (extra, extra)
+            # exactly as diffusers' AttnProcessor2_0 calls it (it passes no scale)
+            stock = F.scaled_dot_product_attention(q[:prompts], k[:prompts], v[:prompts], attn_mask=uncond_mask,
+                                                   dropout_p=0.0, is_causal=False)
+            q, k, v = q[prompts:], k[prompts:], v[prompts:]
+        relation = self.relation(k.shape[2], q.device)[:, None]
         if self.rule == "eq5":
             bias = eq5_bias(relation, self.strength, scale)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias if extra is None else bias + extra,
                                                  scale=scale)
         else:
-            strength = (self.strength * (1.0 - area_share(self.pixels.to(q.device))))[:, None, :, None]
+            strength = (self.strength * (1.0 - self.share(q.device)))[:, None, :, None]
             scores = dense_modulate((q @ k.transpose(-1, -2)) * scale, relation, strength)
             if extra is not None:
                 scores = scores + extra
             out = scores.softmax(dim=-1) @ v
+        if stock is not None:
+            out = torch.cat([stock, out])
         return out.to(value.dtype)
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
@@ -219,14 +291,14 @@ class AttentionInjector:
     def strengths(self, timestep: int) -> dict[str, float]:
         """Nonzero strength per enabled kind ("cross"/"self"); a kind left out gets no processor."""
         o = self.options
-        lam = lambda_t(timestep) if o.time_weight else 1.0
+        lam = o.strength * (lambda_t(timestep) if o.time_weight else 1.0)
         base = {"cross": o.alpha, "self": o.alpha} if o.rule == "eq5" else {"cross": o.w_cross, "self": o.w_self}
         enabled = {"cross": o.cross, "self": o.self_attn}
         return {kind: value * lam for kind, value in base.items() if enabled[kind] and value * lam > 0}
 
     def processors(self, backbone: Backbone, masks: torch.Tensor, token_indices: Sequence[Sequence[int]],
-                   timestep: int) -> dict[str, MaskedAttnProcessor]:
-        """Processor name -> processor for every layer that gets injected."""
+                   timestep: int, guided: bool = False) -> dict[str, MaskedAttnProcessor]:
+        """Processor name -> processor for every layer that gets injected (``masks``: one per prompt)."""
         if masks.ndim != 3 or len(token_indices) != masks.shape[0]:
             raise G4SegError(f"attn injector needs (B, H, W) masks and B token lists, got masks "
                              f"{tuple(masks.shape)} and {len(token_indices)} token lists")
@@ -247,15 +319,18 @@ class AttentionInjector:
             key = (layer.kind, layer.grid)
             if key not in shared:
                 shared[key] = MaskedAttnProcessor(layer.kind, layer.grid, grid_mask(masks, layer.grid),
-                                                  token_indices, self.options.rule, strengths[layer.kind])
+                                                  token_indices, self.options.rule, strengths[layer.kind], guided)
             selected[layer.name] = shared[key]
         return selected
 
     @contextmanager
     def inject(self, backbone: Backbone, masks: torch.Tensor, token_indices: Sequence[Sequence[int]],
-               timestep: int) -> Iterator[dict[str, Any]]:
-        """Selected layers get their processor for the block; the original objects return after it."""
-        selected = self.processors(backbone, masks, token_indices, timestep)
+               timestep: int, *, guided: bool = False) -> Iterator[dict[str, Any]]:
+        """Selected layers get their processor for the block; the original objects return after it.
+
+        With ``guided`` the UNet batch must be 2B (B unconditional, then B conditional entries).
+        """
+        selected = self.processors(backbone, masks, token_indices, timestep, guided)
         unet = backbone.unet
         original = unet.attn_processors
         try:

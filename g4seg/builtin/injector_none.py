@@ -18,7 +18,8 @@ class NoInjection:
 
     @contextmanager
     def inject(self, backbone: Any, masks: Any, token_indices: Sequence[Sequence[int]],
-               timestep: int) -> Iterator[dict[str, Any]]:
+               timestep: int, *, guided: bool = False) -> Iterator[dict[str, Any]]:
+        """Nothing to install; ``guided`` (classifier-free guidance) is accepted and ignored."""
         yield {}
 
 
