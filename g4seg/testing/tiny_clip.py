@@ -32,6 +32,8 @@ def save_tiny_clip(path: str | Path, seed: int = 0) -> dict[str, str]:
 
     The values are strings so they can go straight onto a command line
     (``-o extractor.model=... -o extractor.pretrained=... -o extractor.input_size=...``).
+    ``input_size`` only matters for ``geometry=whole``; the default sliding geometry uses the
+    model's own 32 px windows. ``model`` and ``pretrained`` also load the ``sclip`` mask source.
     """
     import open_clip
     import torch
