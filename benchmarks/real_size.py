@@ -130,7 +130,7 @@ def bench_dtype(dtype: str, models: Path, args: argparse.Namespace) -> tuple[dic
         backbone=args.family, injector="attn", extractor="clip", device=args.device, dtype=dtype, offline=True,
         resolution=size, class_batch=args.classes,
         options={"backbone": {"model": f"local-dir:{models}"},
-                 "extractor": {"model": CLIP_MODEL, "pretrained": "none", "input_size": size}})
+                 "extractor": {"model": CLIP_MODEL, "pretrained": "none"}})
     torch.manual_seed(0)  # the random CLIP weights come from the global RNG: same seed, same weights per dtype
     refiner = Refiner.from_config(config)
     runtime = resolve_runtime(config.device, config.dtype, config.offline)

@@ -273,3 +273,67 @@ def test_option_types_are_shown_readably():
     types = {o["name"]: o["type"] for o in listed[0]["options"]}
     assert types["rule"] == "'dense' | 'eq5'" and types["resolutions"] == "list[int] | None"
     assert types["w_cross"] == "float" and types["cross"] == "bool"
+
+
+def _sclip_options(tiny_clip_options):
+    return ["-o", f"mask_source.model={tiny_clip_options['model']}",
+            "-o", f"mask_source.pretrained={tiny_clip_options['pretrained']}", "-o", "mask_source.templates=single"]
+
+
+def test_sclip_mask_source_needs_no_mask_file(tmp_path, config_file, tiny_clip_options):
+    """Class names alone: SCLIP's labels land in OUT/coarse, and --beta 1 writes them back unchanged."""
+    from g4seg.plugins import registry
+
+    image, _, _ = _scene(tmp_path)
+    out = tmp_path / "out"
+    result = _invoke("refine", image, "--classes", "cat,dog", "--mask-source", "sclip", "--save-coarse", "--out", out,
+                     "--config", config_file, "--beta", "1", "--no-progress", *_sclip_options(tiny_clip_options))
+    assert result.exit_code == 0, result.output
+    source = registry().get("mask_source", "sclip").build(
+        {"model": tiny_clip_options["model"], "pretrained": tiny_clip_options["pretrained"], "templates": "single"})
+    coarse = source.segment(np.array(Image.open(image).convert("RGB")), ["cat", "dog"])
+    expected = coarse.merge.labels(coarse.probs, coarse.background)
+    np.testing.assert_array_equal(np.array(Image.open(out / "coarse" / "img.png")), expected)
+    np.testing.assert_array_equal(np.array(Image.open(out / "img.png")), expected)
+    assert np.load(out / "img.npz")["probs"].shape == (2, 40, 48)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--mask", "MASK"], "leave out --mask"),
+    (["-o", "mask_source.preset=voc21", "--classes", "cat,spaceship"], "preset 'voc21' has no class 'spaceship'"),
+])
+def test_sclip_bad_input_is_one_line(tmp_path, config_file, tiny_clip_options, extra, message):
+    image, mask, _ = _scene(tmp_path)
+    extra = [mask if a == "MASK" else a for a in extra]
+    if "--classes" not in extra:
+        extra += ["--classes", "cat,dog"]
+    result = _invoke("refine", image, "--mask-source", "sclip", "--out", tmp_path / "out", "--config", config_file,
+                     "--no-progress", "--fail-fast", *_sclip_options(tiny_clip_options), *extra)
+    assert result.exit_code != 0
+    errors = [line for line in result.output.splitlines() if line.startswith("g4seg: error:")]
+    assert len(errors) == 1 and message in errors[0], result.output
+    assert not (tmp_path / "out" / "img.png").exists()
+
+
+def test_sclip_on_a_dataset_then_evaluate_both_sides(tmp_path, config_file, tiny_clip_options):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_ablation import IDS, make_voc
+
+    voc, _ = make_voc(tmp_path)
+    out = tmp_path / "refined"
+    result = _invoke("refine", "--dataset", "voc12", "--root", voc, "--split", "val", "--mask-source", "sclip",
+                     "--save-coarse", "--out", out, "--config", config_file, "--no-progress",
+                     *_sclip_options(tiny_clip_options))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.stem for p in (out / "coarse").glob("*.png")) == sorted(IDS)
+    assert np.load(out / f"{IDS[0]}.npz")["probs"].shape == (20, 32, 40)
+    report = tmp_path / "eval.json"
+    evaluated = _invoke("eval", out, "--dataset", "voc12", "--root", voc, "--split", "val", "--compare",
+                        out / "coarse", "--json", report)
+    assert evaluated.exit_code == 0, evaluated.output
+    data = json.loads(report.read_text())
+    coarse_only = _invoke("eval", out / "coarse", "--dataset", "voc12", "--root", voc, "--split", "val",
+                          "--json", tmp_path / "coarse.json")
+    assert coarse_only.exit_code == 0, coarse_only.output
+    coarse_miou = json.loads((tmp_path / "coarse.json").read_text())["mIoU"]
+    assert data["compare"]["gain"] == pytest.approx(data["mIoU"] - coarse_miou, abs=1e-6)
