@@ -3,8 +3,9 @@
 A grid file (TOML, see ``docs/runs.md``) names one dataset split and one coarse-mask folder, the base
 settings, and the axes to vary: backbones, injectors (with options), extractors, timesteps, betas,
 confidence bands, and ``variants`` (labelled sets of any other engine settings, e.g. ramp width, merge
-rule, guidance, class embedding: the choices DESIGN.md section 2 decides and asks to compare). Cell ``C`` is refined into ``OUT/cells/C/`` by :func:`g4seg.runner.run` (so a rerun
-resumes it and a sharded launch splits its images) and scored with :func:`g4seg.evaluation.evaluate`.
+rule, guidance, class embedding: the choices DESIGN.md section 2 decides and asks to compare).
+Cell ``C`` is refined into ``OUT/cells/C/`` by :func:`g4seg.runner.run` (so a rerun resumes it and a
+sharded launch splits its images) and scored with :func:`g4seg.evaluation.evaluate`.
 Pairs a backbone cannot run with an injector are listed as skipped with the reason.
 
 Under ``torchrun`` every rank runs its share of every cell; the report is written by whichever process

@@ -107,8 +107,8 @@ def test_variants_axis_compares_engine_settings(fakes, tmp_path):
         'betas = [0.8, 0.9]\nvariants = [{ label = "ramp2" }, { label = "ramp8-cfg", ramp_width = 0.08, '
         'guidance_scale = 3.0, options = { injector = { strength = 0.5 } } }]'))
     cells = ablation.plan_cells(grid)
-    assert [c.id for c in cells] == ["sd21_attn_clip_t400_b0.8_cf0.2-0.6_ramp2", "sd21_attn_clip_t400_b0.8_cf0.2-0.6_ramp8-cfg",
-                                     "sd21_attn_clip_t400_b0.9_cf0.2-0.6_ramp2", "sd21_attn_clip_t400_b0.9_cf0.2-0.6_ramp8-cfg"]
+    assert [c.id for c in cells] == [f"sd21_attn_clip_t400_b{b}_cf0.2-0.6_{v}" for b in ("0.8", "0.9")
+                                     for v in ("ramp2", "ramp8-cfg")]
     plain, tuned = cells[0].config, cells[1].config
     assert (plain.ramp_width, plain.guidance_scale, plain.options["injector"]) == (0.02, None, {"w_self": 0.5})
     assert (tuned.ramp_width, tuned.guidance_scale) == (0.08, 3.0)

@@ -40,6 +40,7 @@ from g4seg.errors import G4SegError
 from g4seg.masks import MergeRule
 from g4seg.plugins import BUILTIN_MODULES, registry
 from g4seg.testing.tiny_clip import TINY_CONFIG
+from test_extractor_clip import sclip_windows
 
 SHORT, CROP, STRIDE = 48, 32, 16
 SIZES = [(50, 70), (64, 48), (37, 90)]
@@ -137,24 +138,13 @@ def forward_feature(model, img, query):
 
 def forward_slide(model, img, ori_shape, query, stride=STRIDE, crop_size=CROP):
     """clip_segmentor.py lines 80-125 (no PAMR)."""
-    h_stride, w_stride = stride, stride
-    h_crop, w_crop = crop_size, crop_size
     batch_size, _, h_img, w_img = img.shape
-    h_grids = max(h_img - h_crop + h_stride - 1, 0) // h_stride + 1
-    w_grids = max(w_img - w_crop + w_stride - 1, 0) // w_stride + 1
     preds = img.new_zeros((batch_size, query.shape[0], h_img, w_img))
     count_mat = img.new_zeros((batch_size, 1, h_img, w_img))
-    for h_idx in range(h_grids):
-        for w_idx in range(w_grids):
-            y1 = h_idx * h_stride
-            x1 = w_idx * w_stride
-            y2 = min(y1 + h_crop, h_img)
-            x2 = min(x1 + w_crop, w_img)
-            y1 = max(y2 - h_crop, 0)
-            x1 = max(x2 - w_crop, 0)
-            crop_seg_logit = forward_feature(model, img[:, :, y1:y2, x1:x2], query)
-            preds += F.pad(crop_seg_logit, (int(x1), int(preds.shape[3] - x2), int(y1), int(preds.shape[2] - y2)))
-            count_mat[:, :, y1:y2, x1:x2] += 1
+    for y1, y2, x1, x2 in sclip_windows(h_img, w_img, crop_size, stride):  # lines 92-108
+        crop_seg_logit = forward_feature(model, img[:, :, y1:y2, x1:x2], query)
+        preds += F.pad(crop_seg_logit, (int(x1), int(preds.shape[3] - x2), int(y1), int(preds.shape[2] - y2)))
+        count_mat[:, :, y1:y2, x1:x2] += 1
     assert (count_mat == 0).sum() == 0
     preds = preds / count_mat
     return F.interpolate(preds, size=ori_shape, mode="bilinear")
