@@ -73,10 +73,12 @@ def save_label_png(path: Path, labels: np.ndarray) -> None:
     atomic_write_bytes(path, label_png_bytes(labels))
 
 
-def save_probs_npz(path: Path, probs: np.ndarray, classes: list[str]) -> None:
-    """``probs`` as float16 (K, H, W) plus the class names, compressed."""
+def save_probs_npz(path: Path, probs: np.ndarray, classes: list[str], background: np.ndarray | None = None) -> None:
+    """``probs`` as float16 (K, H, W) plus the class names, and the background channel when there is one
+    (so the file reads back as the same K+1 stack), compressed."""
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, probs=probs.astype(np.float16), classes=np.array(classes))
+    extra = {} if background is None else {"background": background.astype(np.float16)}
+    np.savez_compressed(buffer, probs=probs.astype(np.float16), classes=np.array(classes), **extra)
     atomic_write_bytes(path, buffer.getvalue())
 
 

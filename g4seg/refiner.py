@@ -47,6 +47,7 @@ class RefineResult:
     labels: np.ndarray
     classes: list[str]
     coarse_labels: np.ndarray
+    background: np.ndarray | None = None  # the baseline's background channel (unchanged), if it had one
     generated: dict[str, np.ndarray] | None = None
     correspondence: dict[str, np.ndarray] | None = None
 
@@ -135,7 +136,7 @@ class Refiner:
             out = self.postprocessor(image, out)
         if ignore is not None:
             coarse[ignore] = masks.IGNORE_LABEL
-        return RefineResult(out, rule.labels(out, background, ignore), classes, coarse,
+        return RefineResult(out, rule.labels(out, background, ignore), classes, coarse, background,
                             generated if return_generated else None, matches if return_correspondence else None)
 
     def _check_inputs(self, image: np.ndarray, probs: np.ndarray, classes: list[str],

@@ -237,7 +237,7 @@ def _refine_one(item: WorkItem, refiner: "Refiner", mask_source: "MaskSource", o
                             source_rule=coarse.merge, return_generated=save_generated)
     outputs = [f"{item.stem}.png", f"{item.stem}.npz"]
     io.save_label_png(out_dir / outputs[0], result.labels)
-    io.save_probs_npz(out_dir / outputs[1], result.probs, classes)
+    io.save_probs_npz(out_dir / outputs[1], result.probs, classes, result.background)
     if "coarse" in saved:
         outputs.append(f"coarse/{item.stem}.png")
         io.save_label_png(out_dir / outputs[-1], result.coarse_labels)

@@ -295,7 +295,9 @@ def test_sclip_mask_source_needs_no_mask_file(tmp_path, config_file, tiny_clip_o
     expected = coarse.merge.labels(coarse.probs, coarse.background)
     np.testing.assert_array_equal(np.array(Image.open(out / "coarse" / "img.png")), expected)
     np.testing.assert_array_equal(np.array(Image.open(out / "img.png")), expected)
-    assert np.load(out / "img.npz")["probs"].shape == (2, 40, 48)
+    saved = np.load(out / "img.npz")
+    assert saved["probs"].shape == (2, 40, 48)  # the background channel travels with the classes
+    np.testing.assert_array_equal(saved["background"], coarse.background.astype(np.float16))
 
 
 @pytest.mark.parametrize("extra, message", [

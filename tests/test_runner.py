@@ -45,7 +45,7 @@ class FakeRefiner:
         labels = masks.MergeRule().labels(refined, None, ignore)
         coarse = masks.MergeRule().labels(probs, None, ignore)
         generated = {c: image[::2, ::2].copy() for c in classes} if return_generated else None
-        return RefineResult(refined, labels, list(classes), coarse, generated)
+        return RefineResult(refined, labels, list(classes), coarse, generated=generated)
 
 
 class _NpyMasks:
