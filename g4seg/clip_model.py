@@ -34,7 +34,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
+from g4seg.console import loading
 from g4seg.errors import G4SegError
+from g4seg.model_ref import hub_unreachable, no_hub_message
 from g4seg.registry import Options, Runtime
 
 if TYPE_CHECKING:
@@ -72,7 +74,8 @@ def load_clip(options: ClipModelOptions, runtime: Runtime, kind: str, image_size
     offline = runtime.offline or is_offline()
     hint = f"-o {kind}.pretrained=/path/to/open_clip_model.safetensors"
     try:
-        model, name = _create_model(options, offline, image_size, hint)
+        with loading(f"the CLIP model of the {kind.replace('_', ' ')}", _source(options, offline)):
+            model, name = _create_model(options, offline, image_size, hint)
     except G4SegError:
         raise
     except Exception as exc:  # noqa: BLE001 - open_clip raises many types for a bad name/file/checkpoint
@@ -201,6 +204,19 @@ def _schema(model: str) -> str | None:
     return None
 
 
+def _source(options: ClipModelOptions, offline: bool) -> str:
+    """Where the weights come from, for the loading status."""
+    model, pretrained = options.model, options.pretrained
+    if pretrained.lower() == "none" and not _schema(model):
+        return "random weights"
+    if _schema(model) == "local-dir":
+        return f"local folder {model[len('local-dir:'):]}"
+    if _looks_like_file(pretrained) and not _schema(model):
+        return f"local file {pretrained}"
+    label = model[len("hf-hub:"):] if _schema(model) else f"{model} {pretrained}"
+    return f"the Hub cache ({label})" if offline else f"the Hugging Face Hub or its cache ({label})"
+
+
 def _looks_like_file(value: str) -> bool:
     return os.sep in value or "/" in value or value.endswith(_CHECKPOINT_SUFFIXES) or os.path.isfile(value)
 
@@ -261,6 +277,12 @@ def _tag_file(name: str, tag: str, cache_dir: str | None, offline: bool, hint: s
         fix = f"{name}-quickgelu" if wanted else name.removesuffix("-quickgelu")
         raise G4SegError(f"pretrained '{tag}' was trained with quick_gelu={wanted} but model '{name}' builds "
                          f"quick_gelu={not wanted}; use model '{fix}'")
+    if not offline and cfg.get("hf_hub") and hub_unreachable():
+        path = _cached_tag_file(cfg, cache_dir)  # no Hub: the cached file, or one line at once (no retry loop)
+        if path is None:
+            raise G4SegError(no_hub_message(f"CLIP weights for model '{name}' pretrained '{tag}'", hub_unreachable(),
+                                            hint))
+        return path, cfg
     if offline:
         path = _cached_tag_file(cfg, cache_dir)
         if path is None:
@@ -297,6 +319,13 @@ def _create_model(options: ClipModelOptions, offline: bool, image_size: int | No
     if model.endswith(".json"):
         model = _register_config(model)
     schema = _schema(model)
+    if schema == "hf-hub" and not offline and hub_unreachable():
+        try:
+            model = _offline_hub_folder(model, options.cache_dir, hint)
+        except G4SegError:
+            local_copy = hint.split("=")[0].replace(".pretrained", ".model") + "=local-dir:/path/to/folder"
+            raise G4SegError(no_hub_message(f"CLIP model '{model}'", hub_unreachable(), local_copy)) from None
+        schema = "local-dir"
     if schema == "hf-hub" and offline:
         model = _offline_hub_folder(model, options.cache_dir, hint)
         schema = "local-dir"

@@ -6,6 +6,7 @@ Every option has one name in all three places. Component options live under ``op
 
 from __future__ import annotations
 
+import string
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from g4seg.errors import G4SegError
 
 COMPONENT_KINDS = ("backbone", "injector", "extractor", "mask_source", "postprocessor")
+SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 0 <= seed < 2**64 (negative seeds wrap around)
+RESOLUTION_STEP = 64  # the VAE's 8x times the UNet's three 2x downsamplings: latents must halve 3 times
 
 
 class RefineConfig(BaseModel):
@@ -30,9 +33,10 @@ class RefineConfig(BaseModel):
     timestep: int = Field(400, ge=1, le=999, description="noising step t_s")
     beta: float = Field(0.8, ge=0.0, le=1.0, description="mixing coefficient of Eq. 9")
     cf: tuple[float, float] = Field((0.2, 0.6), description="confidence band: only S in [lo, hi] is updated")
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="noise seed, 0 <= seed < 2**64")
     prompt: str = "a photo of {}"
-    resolution: int | None = Field(None, ge=64, description="square model input side; None = backbone default")
+    resolution: int | None = Field(None, ge=RESOLUTION_STEP, description="square model input side, a multiple "
+                                   "of 64; None = backbone default")
     ramp_width: float = Field(0.05, ge=0.0, le=1.0, description="signed-distance ramp of hard masks, "
                               "fraction of the short side (0 = keep them hard)")
     merge: Literal["auto", "threshold", "argmax-bg", "sclip", "pow"] = Field(
@@ -68,8 +72,30 @@ class RefineConfig(BaseModel):
     @field_validator("prompt")
     @classmethod
     def _prompt_has_slot(cls, value: str) -> str:
-        if "{}" not in value:
-            raise ValueError("prompt must contain '{}' where the class name goes")
+        """Exactly one ``{}`` (the class name) and no other format field; ``{{``/``}}`` are literal braces."""
+        try:
+            fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(value) if name is not None]
+        except ValueError as exc:
+            raise ValueError(f"prompt {value!r} is not a valid template ({exc}); write literal braces as {{{{ and "
+                             f"}}}}") from None
+        other = [f"{{{name}{'!' + conv if conv else ''}{':' + spec if spec else ''}}}"
+                 for name, spec, conv in fields if name or spec or conv]
+        if other:
+            raise ValueError(f"prompt {value!r} has the format field(s) {', '.join(other)}; use exactly one {{}} "
+                             f"where the class name goes")
+        if len(fields) != 1:
+            raise ValueError(f"prompt must contain exactly one '{{}}' where the class name goes, {value!r} has "
+                             f"{len(fields)}")
+        return value
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution_step(cls, value: int | None) -> int | None:
+        if value is not None and value % RESOLUTION_STEP:
+            lower = value - value % RESOLUTION_STEP
+            nearest = " or ".join(str(v) for v in (lower, lower + RESOLUTION_STEP) if v >= RESOLUTION_STEP)
+            raise ValueError(f"resolution must be a multiple of {RESOLUTION_STEP} (the VAE's 8 x the UNet's 8), "
+                             f"got {value}; use {nearest}")
         return value
 
     @model_validator(mode="after")
@@ -113,14 +139,21 @@ def load_config(path: Path | None = None, **overrides: Any) -> RefineConfig:
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            data = tomllib.loads(Path(path).read_text())
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise G4SegError(f"config file not found: {path}") from None
+        except IsADirectoryError:
+            raise G4SegError(f"config file {path} is a folder; give a TOML file") from None
+        except UnicodeDecodeError:
+            raise G4SegError(f"config file {path} is not a text (TOML) file") from None
+        except OSError as exc:
+            raise G4SegError(f"cannot read config file {path}: {exc.strerror or exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise G4SegError(f"config file {path} is not valid TOML: {exc}") from None
     data = _merge(data, {k: v for k, v in overrides.items() if v is not None})
     try:
         return RefineConfig(**data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+                             for e in exc.errors())
         raise G4SegError(f"invalid configuration: {problems}") from None

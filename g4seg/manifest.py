@@ -25,8 +25,12 @@ UNHASHED = frozenset({"device", "offline", "class_batch"})
 class Entry:
     """One finished image: ``status`` is "done" or "error"; ``outputs`` are paths relative to the folder.
 
-    ``image`` and ``mask`` are absolute input paths, so a rerun on other inputs under the same stem
-    redoes the image; ``saved`` names the optional outputs written ("generated", "overlay").
+    ``image`` and ``mask`` are absolute input paths and ``image_id`` / ``mask_id`` their identities
+    (size, mtime_ns, sha256; see :mod:`g4seg.fileid`), so a rerun redoes an image whose inputs changed
+    and skips one whose inputs merely moved. ``output_ids`` holds the same for every output, so an
+    output that is missing, truncated or otherwise altered is redone. ``saved`` names the optional
+    outputs written ("generated", "overlay", "coarse"). Lines written before identities were recorded
+    (no ``output_ids``) are judged by input paths and output existence, as then.
     """
 
     stem: str
@@ -40,6 +44,9 @@ class Entry:
     mask: str | None = None
     outputs: list[str] = field(default_factory=list)
     saved: list[str] = field(default_factory=list)
+    image_id: dict[str, Any] | None = None
+    mask_id: dict[str, Any] | None = None
+    output_ids: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def from_line(cls, line: str) -> "Entry | None":

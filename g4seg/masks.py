@@ -104,14 +104,38 @@ def merge_threshold(probs: np.ndarray, bg_threshold: float) -> np.ndarray:
     """0 where no class reaches ``bg_threshold``, else 1 + argmax."""
     if probs.shape[0] == 0:
         return np.zeros(probs.shape[1:], dtype=np.uint8)
-    labels = (probs.argmax(axis=0) + 1).astype(np.uint8)
-    labels[probs.max(axis=0) < bg_threshold] = 0
+    fast = _argmax_max(list(probs), first=1)
+    if fast is None:
+        labels = (probs.argmax(axis=0) + 1).astype(np.uint8)
+        labels[probs.max(axis=0) < bg_threshold] = 0
+        return labels
+    labels, best = fast
+    labels[best < bg_threshold] = 0
     return labels
 
 
 def merge_argmax(probs: np.ndarray, background: np.ndarray) -> np.ndarray:
     """argmax over (background, classes); the background wins ties."""
-    return _with_background(probs, background).argmax(axis=0).astype(np.uint8)
+    fast = _argmax_max([background.astype(probs.dtype), *probs], first=0)
+    if fast is None:
+        return _with_background(probs, background).argmax(axis=0).astype(np.uint8)
+    return fast[0]
+
+
+def _argmax_max(maps: list[np.ndarray], first: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(``first`` + argmax as uint8, max) over equally shaped maps, one map at a time (no (K, H, W)
+    temporaries): the first of equal maxima wins, as with numpy's argmax. None (the caller then uses
+    numpy's argmax) when the labels would not fit uint8 or a value is NaN, where argmax has its own rule."""
+    if first + len(maps) > 256 or not np.issubdtype(maps[0].dtype, np.floating):
+        return None
+    best = np.array(maps[0], copy=True)
+    labels = np.full(best.shape, first, np.uint8)
+    for i, values in enumerate(maps[1:], start=first + 1):
+        np.copyto(labels, i, where=values > best)
+        np.maximum(best, values, out=best)
+    if np.isnan(best).any():  # maximum propagates NaN, so one check covers every map
+        return None
+    return labels, best
 
 
 def merge_sclip(probs: np.ndarray, background: np.ndarray | None, prob_thd: float,
@@ -164,17 +188,54 @@ def ramp(labels: np.ndarray, num_classes: int, width: float) -> np.ndarray:
     ``width = 0`` keeps the 0/1 masks. Classes absent from the map are all 0, a class covering the
     whole map is all 1.
     """
-    from scipy.ndimage import distance_transform_edt
-
     out = np.zeros((num_classes, *labels.shape), np.float32)
+    present = np.bincount(labels.ravel(), minlength=num_classes + 1) if labels.dtype == np.uint8 else None
     for k in range(num_classes):
+        if present is not None and present[k + 1] == 0:
+            continue  # absent: all 0
         inside = labels == k + 1
         if not inside.any() or inside.all() or width <= 0:
             out[k] = inside
             continue
-        sd = np.where(inside, distance_transform_edt(inside) - 0.5, 0.5 - distance_transform_edt(~inside))
-        out[k] = np.clip(RAMP_CENTRE + sd / (2.0 * width), 0.0, 1.0)
+        margin = int(np.ceil(width)) + 1 if np.isfinite(width) else max(labels.shape)
+        outer, inner = _ramp_box(inside, margin), _ramp_box(inside, 1)
+        out[(k, *outer)] = _signed_ramp(inside, outer, inner, width)
     return out
+
+
+def _ramp_box(inside: np.ndarray, margin: int) -> tuple[slice, slice]:
+    """The class's bounding box grown by ``margin`` pixels on each side (within the image)."""
+    rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+    height, width = inside.shape
+    return (slice(max(rows[0] - margin, 0), min(rows[-1] + margin + 1, height)),
+            slice(max(cols[0] - margin, 0), min(cols[-1] + margin + 1, width)))
+
+
+def _signed_ramp(inside: np.ndarray, outer: tuple[slice, slice], inner: tuple[slice, slice],
+                 width: float) -> np.ndarray:
+    """The ramp clip(0.5 + sd / (2 width), 0, 1) of the ``outer`` box, in float64 as on the whole map.
+
+    Only boxes are transformed, and each distance is still exact: every class pixel lies in the
+    class's bounding box, so an outside pixel's nearest class pixel is in any box around it; a class
+    pixel's nearest outside pixel is never farther than the ring just outside the bounding box (move
+    any farther one onto that ring: no coordinate gets farther), so the ``inner`` box (margin 1) holds
+    it or the image edge stops both searches alike. Outside ``outer`` (margin ceil(width) + 1) every
+    pixel is at least ceil(width) + 2 from the class, where the ramp is exactly 0.
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    crop = inside[outer]
+    sd = distance_transform_edt(~crop)  # outside: distance to the class
+    np.subtract(0.5, sd, out=sd)
+    inner_crop = inside[inner]
+    within = (slice(inner[0].start - outer[0].start, inner[0].stop - outer[0].start),
+              slice(inner[1].start - outer[1].start, inner[1].stop - outer[1].start))
+    depth = distance_transform_edt(inner_crop)  # inside: distance to the nearest outside pixel
+    depth -= 0.5
+    np.copyto(sd[within], depth, where=inner_crop)
+    sd /= 2.0 * width
+    sd += RAMP_CENTRE
+    return np.clip(sd, 0.0, 1.0, out=sd)
 
 
 def ramp_pixels(width_fraction: float, hw: tuple[int, int]) -> float:

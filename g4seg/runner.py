@@ -7,6 +7,11 @@ sides of a comparison) and ``generated/<stem>/<label>_<class>.png``; plus ``conf
 Every file is written to a temporary name in its folder and renamed, and an image's manifest line
 comes after its files, so a kill at any moment leaves only complete files and a rerun redoes just the
 images without a "done" line whose files exist.
+
+Safety (see docs/runs.md): a run whose outputs would land on one of its inputs is refused before anything
+is written; a run holds a lock on its folder (per rank when sharded, :mod:`g4seg.runlock`) while it
+writes; an image is skipped only when its inputs have the recorded content and its outputs are the
+files written then (:mod:`g4seg.fileid`); and a rerun with nothing to do writes nothing at all.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import os
 import platform
 import re
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -25,9 +30,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 from g4seg import io
 from g4seg.config import RefineConfig
 from g4seg.errors import G4SegError
-from g4seg.manifest import Entry, ManifestWriter, differences, hashed_settings, latest_entries, settings_hash
+from g4seg.fileid import FileId, identify, unchanged
+from g4seg.manifest import (MANIFEST_GLOB, Entry, ManifestWriter, differences, hashed_settings, latest_entries,
+                            settings_hash)
 from g4seg.plugins import registry
 from g4seg.registry import Runtime
+from g4seg.runlock import RunLock, is_lock_name
 from g4seg.sharding import Shard, current_shard, shard_items
 
 if TYPE_CHECKING:
@@ -52,13 +60,19 @@ class WorkItem:
 
 @dataclass
 class RunSummary:
-    """What this call did with this rank's share: refined, already done, failed (stem -> one line)."""
+    """What this call did with this rank's share: refined, already done, failed (stem -> one line).
+
+    Of ``done``, ``changed`` images had been done before but their image or mask changed since, and
+    ``repaired`` ones had been done before but an output was missing or altered.
+    """
 
     done: int
     skipped: int
     failed: int
     errors: dict[str, str]
     out_dir: Path
+    changed: int = 0
+    repaired: int = 0
 
 
 @dataclass
@@ -70,12 +84,42 @@ class FolderStatus:
     pending: list[str] = field(default_factory=list)
 
 
-def find_mask(folder: Path, stem: str) -> Path | None:
-    """``folder/<stem>.png``, ``.npz`` or ``.npy``, the first that exists."""
+def mask_index(folder: Path) -> dict[str, list[Path]]:
+    """The mask files of ``folder`` (suffixes ``.png``, ``.npz``, ``.npy`` in any case) by lower-cased stem."""
+    index: dict[str, list[Path]] = {}
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return index
+    for entry in entries:
+        path = Path(entry.path)
+        if path.suffix.lower() in MASK_SUFFIXES:
+            index.setdefault(path.stem.lower(), []).append(path)
+    return index
+
+
+def find_mask(folder: Path, stem: str, index: dict[str, list[Path]] | None = None) -> Path | None:
+    """The mask of image ``stem`` in ``folder``, or None.
+
+    ``folder/<stem>.png``, ``.npz`` or ``.npy`` (in this order) when one exists under exactly that
+    name; otherwise the name is matched ignoring case (``IMG.JPG`` finds ``img.png``), and two masks
+    that then match (``img.png`` and ``Img.PNG``) are a one-line G4SegError. A dangling symbolic link
+    is returned like a file (the mask source names it). ``index`` (:func:`mask_index` of ``folder``)
+    saves a folder scan per call when many stems are looked up.
+    """
+    folder = Path(folder)
     for suffix in MASK_SUFFIXES:
-        candidate = Path(folder) / f"{stem}{suffix}"
-        if candidate.exists():
+        candidate = folder / f"{stem}{suffix}"
+        if candidate.exists() or candidate.is_symlink():
             return candidate
+    found = (mask_index(folder) if index is None else index).get(stem.lower(), [])
+    for suffix in MASK_SUFFIXES:
+        matches = sorted(p for p in found if p.suffix.lower() == suffix)
+        if len(matches) > 1:
+            raise G4SegError(f"masks {', '.join(p.name for p in matches)} in {folder} all match image '{stem}' "
+                             f"when case is ignored; keep one, or name one exactly {stem}{suffix}")
+        if matches:
+            return matches[0]
     return None
 
 
@@ -106,10 +150,43 @@ def _identity(config: RefineConfig, classes: Sequence[str]) -> _Identity:
     return _Identity(settings, settings_hash(settings), runtime)
 
 
-def _is_done(entry: Entry | None, item: WorkItem, ident: _Identity, out_dir: Path, wanted: set[str]) -> bool:
-    return (entry is not None and entry.status == "done" and entry.config_hash == ident.config_hash
-            and (entry.image, entry.mask) == ident.inputs(item) and wanted <= set(entry.saved)
-            and bool(entry.outputs) and all((out_dir / p).is_file() for p in entry.outputs))
+def _inputs_unchanged(entry: Entry, item: WorkItem, ident: _Identity) -> bool:
+    """The item's image and mask have the content recorded when it was done (wherever they are now)."""
+    if not entry.output_ids:  # a line from before identities were recorded: judged by the input paths, as then
+        return (entry.image, entry.mask) == ident.inputs(item)
+    image_id = FileId.from_json(entry.image_id)
+    if image_id is None or not unchanged(item.image, image_id, entry.image):
+        return False
+    if item.mask is None or entry.mask_id is None:
+        return item.mask is None and entry.mask_id is None
+    mask_id = FileId.from_json(entry.mask_id)
+    return mask_id is not None and unchanged(item.mask, mask_id, entry.mask)
+
+
+def _outputs_intact(entry: Entry, out_dir: Path) -> bool:
+    """Every output of the entry is there and is the file written then (size+mtime, else its hash)."""
+    recorded = entry.output_ids if isinstance(entry.output_ids, dict) else {}
+    for rel in entry.outputs:
+        file_id = FileId.from_json(recorded.get(rel))
+        if not ((out_dir / rel).is_file() if file_id is None else unchanged(out_dir / rel, file_id)):
+            return False
+    return bool(entry.outputs)
+
+
+def _redo_reason(entry: Entry | None, item: WorkItem, ident: _Identity, out_dir: Path,
+                 wanted: set[str]) -> str | None:
+    """None when the item is done for this configuration; else why not: "new" (no finished record for
+    these settings), "changed" (its inputs changed), "extras" (optional outputs asked for now were not
+    written) or "damaged" (an output is missing or altered)."""
+    if entry is None or entry.status != "done" or entry.config_hash != ident.config_hash:
+        return "new"
+    if not _inputs_unchanged(entry, item, ident):
+        return "changed"
+    if not wanted <= set(entry.saved):
+        return "extras"
+    if not _outputs_intact(entry, out_dir):
+        return "damaged"
+    return None
 
 
 def folder_status(items: Sequence[WorkItem], out_dir: Path, config: RefineConfig,
@@ -121,7 +198,7 @@ def folder_status(items: Sequence[WorkItem], out_dir: Path, config: RefineConfig
     status = FolderStatus()
     for item in items:
         entry = latest.get(item.stem)
-        if _is_done(entry, item, ident, out_dir, set()):
+        if _redo_reason(entry, item, ident, out_dir, set()) is None:
             status.done[item.stem] = entry.seconds
         elif entry is not None and entry.status == "error" and entry.config_hash == ident.config_hash:
             status.failed[item.stem] = entry.error or "unknown error"
@@ -138,6 +215,90 @@ def _check_stems(items: Sequence[WorkItem]) -> None:
         if item.stem in seen:
             raise G4SegError(f"two inputs share the output name '{item.stem}'; outputs would collide")
         seen.add(item.stem)
+
+
+def _realpath(path: Path, folders: dict[str, str]) -> str:
+    """``os.path.realpath(path)``, resolving each folder once (``folders`` caches them): one lstat per file."""
+    folder, name = os.path.split(os.fspath(path))
+    if name in ("", ".", ".."):
+        return os.path.realpath(path)
+    if folder not in folders:
+        folders[folder] = os.path.realpath(folder or os.curdir)
+    joined = os.path.join(folders[folder], name)
+    return os.path.realpath(joined) if os.path.islink(joined) else joined
+
+
+def _check_inputs_untouched(items: Sequence[WorkItem], out_dir: Path) -> None:
+    """Refuse a run that would write over (or delete) one of its own inputs, before anything is written.
+
+    Real paths are compared (``os.path.realpath``), so an output folder that is, or links to, an input
+    folder counts, and so do linked ``overlay``/``coarse``/``generated`` subfolders and outputs that are
+    links to inputs. Every file the run may write or remove is considered: ``<stem>.png``, ``<stem>.npz``,
+    ``overlay/<stem>.png``, ``coarse/<stem>.png``, all of ``generated/<stem>/``, ``config.json``,
+    ``manifest*.jsonl``, the lock files and the temporary files. Other names next to the inputs are fine.
+    """
+    by_folder: dict[str, dict[str, Path]] = {}  # real folder -> real name -> input as given
+    real_inputs: dict[str, Path] = {}
+    real_folders: dict[str, str] = {}
+    for item in items:
+        for given in (item.image, item.mask):
+            if given is not None:
+                real = _realpath(given, real_folders)
+                real_inputs[real] = Path(given)
+                by_folder.setdefault(os.path.dirname(real), {})[os.path.basename(real)] = Path(given)
+    stems = {item.stem for item in items}
+    main = {f"{s}{suffix}" for s in stems for suffix in (".png", ".npz")}
+    labels = {f"{s}.png" for s in stems}
+
+    def temp_of(name: str, targets: Callable[[str], bool]) -> bool:
+        match = _TEMP_NAME.match(name)
+        return bool(match) and targets(match["target"])
+
+    def top(name: str) -> bool:
+        return (name in main or name == CONFIG_FILE or Path(name).match(MANIFEST_GLOB) or is_lock_name(name)
+                or temp_of(name, lambda t: t in main or t == CONFIG_FILE))
+
+    def per_stem(name: str) -> bool:
+        return name in labels or temp_of(name, labels.__contains__)
+
+    folders: list[tuple[str, Callable[[str], bool]]] = [(str(out_dir), top), (str(out_dir / "overlay"), per_stem),
+                                                         (str(out_dir / "coarse"), per_stem)]
+    generated = os.path.realpath(out_dir / "generated")
+    linked = set()
+    if os.path.isdir(generated):
+        linked = {e.name for e in os.scandir(generated) if e.is_symlink()}
+    hits: list[tuple[Path, str]] = []
+
+    def check(folder: str, is_ours: Callable[[str], bool], real: str | None = None) -> None:
+        real = real or os.path.realpath(folder)
+        for name, given in by_folder.get(real, {}).items():
+            if is_ours(name):
+                hits.append((given, os.path.join(folder, name)))
+        if not os.path.isdir(real):
+            return
+        for entry in os.scandir(real):  # outputs that are links to inputs
+            if entry.is_symlink() and is_ours(entry.name) and os.path.realpath(entry.path) in real_inputs:
+                hits.append((real_inputs[os.path.realpath(entry.path)], os.path.join(folder, entry.name)))
+
+    for folder, is_ours in folders:
+        check(folder, is_ours)
+    for stem in sorted(stems):
+        folder = os.path.join(generated, stem)
+        real = os.path.realpath(folder) if stem in linked else folder
+        if real in by_folder or stem in linked:
+            check(str(out_dir / "generated" / stem), lambda name: True, real)
+    if hits:
+        given, output = hits[0]
+        more = f" (and {len(hits) - 1} more)" if len(hits) > 1 else ""
+        raise G4SegError(f"output folder {out_dir} would overwrite the input {given} (as {output}){more}; "
+                         "nothing was written: choose another output folder")
+
+
+def _recorded_hash(out_dir: Path) -> str | None:
+    try:
+        return json.loads((out_dir / CONFIG_FILE).read_text(encoding="utf-8")).get("config_hash")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _check_same_config(out_dir: Path, ident: _Identity, latest: dict[str, Entry]) -> None:
@@ -228,27 +389,42 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _refine_one(item: WorkItem, refiner: "Refiner", mask_source: "MaskSource", out_dir: Path,
-                classes: list[str], saved: set[str]) -> list[str]:
-    """Refine one image and write its outputs; returns their paths relative to ``out_dir``."""
+                classes: list[str], saved: set[str]) -> dict[str, FileId]:
+    """Refine one image and write its outputs; returns them (paths relative to ``out_dir``) with their ids."""
     image = io.load_image(item.image)
     coarse = mask_source.load(item.image, item.mask, classes, image.shape[:2])
     save_generated, save_overlay = "generated" in saved, "overlay" in saved
     result = refiner.refine(image, coarse.probs, classes, background=coarse.background, ignore=coarse.ignore,
                             source_rule=coarse.merge, return_generated=save_generated)
-    outputs = [f"{item.stem}.png", f"{item.stem}.npz"]
-    io.save_label_png(out_dir / outputs[0], result.labels)
-    io.save_probs_npz(out_dir / outputs[1], result.probs, classes, result.background)
+    outputs = {f"{item.stem}.png": io.save_label_png(out_dir / f"{item.stem}.png", result.labels)}
+    outputs[f"{item.stem}.npz"] = io.save_probs_npz(out_dir / f"{item.stem}.npz", result.probs, classes,
+                                                    result.background)
     if "coarse" in saved:
-        outputs.append(f"coarse/{item.stem}.png")
-        io.save_label_png(out_dir / outputs[-1], result.coarse_labels)
+        outputs[f"coarse/{item.stem}.png"] = io.save_label_png(out_dir / "coarse" / f"{item.stem}.png",
+                                                               result.coarse_labels)
     if save_overlay:
-        outputs.append(f"overlay/{item.stem}.png")
-        io.save_rgb_png(out_dir / outputs[-1], io.overlay(image, result.labels))
+        outputs[f"overlay/{item.stem}.png"] = io.save_rgb_png(out_dir / "overlay" / f"{item.stem}.png",
+                                                              io.overlay(image, result.labels))
     if save_generated:
         for name, generated in (result.generated or {}).items():
-            outputs.append(f"generated/{item.stem}/{classes.index(name) + 1}_{_safe_name(name)}.png")
-            io.save_rgb_png(out_dir / outputs[-1], generated)
+            rel = f"generated/{item.stem}/{classes.index(name) + 1}_{_safe_name(name)}.png"
+            outputs[rel] = io.save_rgb_png(out_dir / rel, generated)
     return outputs
+
+
+def _remove_leftovers(out_dir: Path, stem: str, keep: set[str]) -> None:
+    """Delete the files of ``stem`` an earlier run wrote that this one did not (other settings, other
+    optional outputs, or all of them when the image failed now), so the folder holds nothing stale."""
+    candidates = [f"{stem}.png", f"{stem}.npz", f"overlay/{stem}.png", f"coarse/{stem}.png"]
+    generated = out_dir / "generated" / stem
+    if generated.is_dir() and not generated.is_symlink():
+        candidates += [f"generated/{stem}/{p.name}" for p in generated.iterdir()
+                       if not _TEMP_NAME.match(p.name) and not p.is_dir()]
+    for rel in candidates:
+        if rel not in keep and ((out_dir / rel).is_file() or (out_dir / rel).is_symlink()):
+            (out_dir / rel).unlink(missing_ok=True)
+    with suppress(OSError):
+        generated.rmdir()  # only when empty
 
 
 @contextmanager
@@ -275,23 +451,51 @@ def run(items: Sequence[WorkItem], out_dir: Path, config: RefineConfig, classes:
 
     ``build_refiner`` (default: ``Refiner.from_config``) is called only when some image needs work.
     A failing image is recorded in the manifest and the run goes on, unless ``fail_fast``.
+    Refused (G4SegError, nothing written): outputs that would land on an input, another configuration's
+    finished images without ``overwrite``, a folder another run holds (:class:`g4seg.runlock.FolderBusy`).
     """
     out_dir = Path(out_dir)
     classes = list(classes)
     _check_stems(items)
     shard = current_shard()
     ident = _identity(config, classes)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    latest = latest_entries(out_dir)
-    if not overwrite:
-        _check_same_config(out_dir, ident, latest)
+    _check_inputs_untouched(items, out_dir)
     mine = shard_items(items, shard, key=lambda item: item.stem)
     wanted = {name for name, on in (("generated", save_generated), ("overlay", save_overlay),
                                     ("coarse", save_coarse)) if on}
-    todo = [item for item in mine
-            if overwrite or not _is_done(latest.get(item.stem), item, ident, out_dir, wanted)]
+    # Decide without writing (or locking) whether there is anything to write: a resume with nothing
+    # to do must leave the folder untouched, and work on a read-only one.
+    latest = latest_entries(out_dir)
+    if not overwrite:
+        _check_same_config(out_dir, ident, latest)
+    if not ((overwrite and mine) or (shard.is_main and _recorded_hash(out_dir) != ident.config_hash)
+            or any(_redo_reason(latest.get(item.stem), item, ident, out_dir, wanted) for item in mine)):
+        return RunSummary(done=0, skipped=len(mine), failed=0, errors={}, out_dir=out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise G4SegError(f"cannot create output folder {out_dir}: {exc.strerror}") from None
+    with RunLock(out_dir, shard):
+        return _run_locked(mine, out_dir, config, classes, ident, shard, build_refiner=build_refiner,
+                           overwrite=overwrite, fail_fast=fail_fast, wanted=wanted, progress=progress)
+
+
+def _run_locked(mine: list[WorkItem], out_dir: Path, config: RefineConfig, classes: list[str], ident: _Identity,
+                shard: Shard, *, build_refiner: Callable[[], "Refiner"] | None, overwrite: bool, fail_fast: bool,
+                wanted: set[str], progress: bool) -> RunSummary:
+    """The run proper, holding the folder's lock: the folder is read again (another run may have finished
+    images since), then every image not done is refined and recorded."""
+    latest = latest_entries(out_dir)
+    if not overwrite:
+        _check_same_config(out_dir, ident, latest)
+    reasons: dict[str, str] = {}
+    for item in mine:
+        reason = "overwrite" if overwrite else _redo_reason(latest.get(item.stem), item, ident, out_dir, wanted)
+        if reason is not None:
+            reasons[item.stem] = reason
+    todo = [item for item in mine if item.stem in reasons]
     _remove_stale_temps(out_dir, {item.stem for item in mine}, with_config=shard.is_main)
-    if shard.is_main:
+    if shard.is_main and (todo or _recorded_hash(out_dir) != ident.config_hash):
         _write_config(out_dir, config, classes, ident, shard)
     summary = RunSummary(done=0, skipped=len(mine) - len(todo), failed=0, errors={}, out_dir=out_dir)
     if not todo:
@@ -309,21 +513,31 @@ def run(items: Sequence[WorkItem], out_dir: Path, config: RefineConfig, classes:
             _progress_bar(progress and shard.is_main, len(mine), summary.skipped) as advance:
         for item in todo:
             start = time.perf_counter()
-            outputs: list[str] = []
+            # identities first: an input edited while it is being refined is then redone by the next run
+            image_id = identify(item.image)
+            mask_id = identify(item.mask) if item.mask is not None else None
+            outputs: dict[str, FileId] = {}
             error: BaseException | None = None
             try:
                 outputs = _refine_one(item, refiner, mask_source, out_dir, classes, wanted)
+                _remove_leftovers(out_dir, item.stem, set(outputs))
             except Exception as exc:  # noqa: BLE001 - one bad image must not end a long run
-                error = exc
+                error, outputs = exc, {}
+                with suppress(OSError):
+                    _remove_leftovers(out_dir, item.stem, set())
             image, mask = ident.inputs(item)
             manifest.append(Entry(
                 stem=item.stem, status="error" if error else "done", seconds=round(time.perf_counter() - start, 4),
                 error=_one_line(error) if error else None, config_hash=ident.config_hash, rank=shard.rank,
-                time=time.time(), image=image, mask=mask, outputs=outputs, saved=sorted(wanted),
+                time=time.time(), image=image, mask=mask, outputs=list(outputs), saved=sorted(wanted),
+                image_id=image_id.to_json() if image_id else None, mask_id=mask_id.to_json() if mask_id else None,
+                output_ids={rel: file_id.to_json() for rel, file_id in outputs.items()},
             ))
             advance()
             if error is None:
                 summary.done += 1
+                summary.changed += reasons[item.stem] == "changed"
+                summary.repaired += reasons[item.stem] == "damaged"
                 continue
             summary.failed += 1
             summary.errors[item.stem] = _one_line(error)

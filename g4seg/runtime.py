@@ -7,6 +7,7 @@ imported, because they read them at import time.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from g4seg.errors import G4SegError
 from g4seg.registry import Runtime
@@ -25,6 +26,16 @@ def is_offline() -> bool:
     return any(os.environ.get(name, "") not in ("", "0") for name in OFFLINE_VARIABLES)
 
 
+def _backend_available(torch: Any, kind: str) -> bool:
+    """Whether torch can run on device type ``kind`` here (``torch.device("mps")`` parses everywhere)."""
+    backend = torch.backends.mps if kind == "mps" else getattr(torch, kind, None)
+    check = getattr(backend, "is_available", None)
+    try:
+        return bool(check()) if callable(check) else False
+    except Exception:  # noqa: BLE001 - a backend that cannot even answer is not available
+        return False
+
+
 def resolve_runtime(device: str = "auto", dtype: str = "auto", offline: bool = False) -> Runtime:
     """auto device = cuda:0 when available else cpu; auto dtype = fp16 on CUDA, fp32 on CPU."""
     set_offline(offline)
@@ -39,6 +50,12 @@ def resolve_runtime(device: str = "auto", dtype: str = "auto", offline: bool = F
         raise G4SegError(f"invalid device '{device}' (use auto, cpu or cuda:N)") from None
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise G4SegError(f"device '{device}' requested but CUDA is not available (use --device cpu)")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise G4SegError(f"device '{device}' requested but only {torch.cuda.device_count()} CUDA device(s) are "
+                         f"visible (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    if parsed.type not in ("cpu", "cuda") and not _backend_available(torch, parsed.type):
+        raise G4SegError(f"device '{device}' is not available with this torch {torch.__version__} on this machine "
+                         f"(use auto, cpu or cuda:N)")
     if dtype == "auto":
         dtype = "fp16" if parsed.type == "cuda" else "fp32"
     if dtype not in DTYPES:

@@ -81,9 +81,10 @@ def test_folder_mode_records_a_bad_image_and_goes_on(tmp_path, config_file):
     result = _invoke("refine", images, "--mask", masks, "--classes", "cat,dog", "--out", out, "--config",
                      config_file, "--no-progress")
     assert result.exit_code == 1
-    assert "done 1, skipped 0, failed 2" in result.output
+    # both are found before any model loads, listed once, and the valid image is refined
+    assert "g4seg: 2 of 3 inputs are invalid" in result.output and "done 1, skipped 0, failed 0" in result.output
     assert (out / "a.png").exists() and not (out / "b.png").exists() and not (out / "c.png").exists()
-    assert "cannot read image" in result.output and "c:" in result.output
+    assert "b: cannot read image" in result.output and "c: no mask for 'c'" in result.output
 
 
 @pytest.mark.parametrize("case, message", [
@@ -99,6 +100,10 @@ def test_folder_mode_records_a_bad_image_and_goes_on(tmp_path, config_file):
     ("prob_thd out of range", "prob_thd: Input should be less than or equal to 1"),
     ("argmax-bg without background", "merge 'argmax-bg' needs a background channel"),
     ("unknown merge", "merge: Input should be 'auto'"),
+    ("duplicate class", "class name 'cat' is given twice"),
+    ("prompt with two slots", "prompt must contain exactly one '{}'"),
+    ("resolution not a multiple of 64", "resolution must be a multiple of 64"),
+    ("rotated mask", "the image's size transposed, so the mask looks rotated by 90 degrees"),
 ])
 def test_bad_input_is_one_line_and_non_zero(tmp_path, config_file, case, message):
     image, mask, _ = _scene(tmp_path)
@@ -131,6 +136,14 @@ def test_bad_input_is_one_line_and_non_zero(tmp_path, config_file, case, message
         args += ["--merge", "argmax-bg"]
     elif case == "unknown merge":
         args += ["--merge", "vote"]
+    elif case == "duplicate class":
+        args[4] = "cat,dog,cat"
+    elif case == "prompt with two slots":
+        args += ["--prompt", "a {} and a {}"]
+    elif case == "resolution not a multiple of 64":
+        args += ["--resolution", "96"]
+    elif case == "rotated mask":
+        Image.fromarray(np.zeros((48, 40), np.uint8)).save(mask)
     result = _invoke("refine", *args)
     assert result.exit_code != 0
     errors = [line for line in result.output.splitlines() if line.startswith("g4seg: error:")]

@@ -252,3 +252,45 @@ def test_label_values_error_names_every_bad_value(tmp_path):
 def test_unknown_option_is_rejected():
     with pytest.raises(G4SegError, match="invalid options"):
         source(threshold=0.5)
+
+
+@pytest.mark.parametrize("hw, resize, expected", [
+    ((5, 4), False, r"is 4x5 \(HxW\) but the image is 5x4: the image's size transposed, so the mask looks rotated"),
+    ((10, 8), True, r"the aspect ratio of the image transposed, so the mask looks rotated by 90 degrees; rotate it to "
+                    r"match the image as displayed; -o mask_source.resize=true does not rotate masks"),
+    ((4, 9), False, r"is 4x5 \(HxW\) but the image is 4x9; give a mask of the image's size \(-o "
+                    r"mask_source.resize=true would stretch this one: its aspect ratio differs\)"),
+    ((8, 10), False, r"give a mask of the image's size or set -o mask_source.resize=true to resample it"),
+])
+def test_size_hints_say_only_what_is_right(tmp_path, hw, resize, expected):
+    """A rotated mask is never resized (that would stretch it); resize is offered only where it fits."""
+    with pytest.raises(G4SegError, match=expected) as info:
+        load(save_png(tmp_path / "m.png", LABELS), ["a", "b"], hw=hw, resize=resize)
+    assert "\n" not in str(info.value)
+
+
+def test_resize_keeps_working_for_the_same_aspect_up_to_rounding(tmp_path):
+    labels = np.kron(LABELS, np.ones((2, 2), np.uint8))  # 8x10
+    mask = load(save_png(tmp_path / "m.png", labels), ["a", "b"], hw=(4, 5), resize=True)
+    np.testing.assert_array_equal(mask.probs, expected_from_labels(LABELS, 2))
+    assert load(save_png(tmp_path / "odd.png", labels[:7]), ["a", "b"], hw=(4, 5), resize=True).probs.shape == (2, 4, 5)
+
+
+def test_mask_images_are_read_as_displayed(tmp_path):
+    """A mask PNG carrying EXIF orientation 6 is rotated clockwise, like the photo it belongs to."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img = Image.fromarray(LABELS, mode="P")
+    img.putpalette(voc_palette())
+    img.save(tmp_path / "m.png", exif=exif)
+    rotated = np.rot90(LABELS, k=-1)
+    mask = load(tmp_path / "m.png", ["a", "b"], hw=rotated.shape)
+    np.testing.assert_array_equal(mask.probs, expected_from_labels(rotated, 2))
+
+
+def test_check_raises_what_load_raises(tmp_path):
+    path = save_png(tmp_path / "m.png", LABELS)
+    assert source().check(Path("image.jpg"), path, ["a", "b"], HW) is None
+    with pytest.raises(G4SegError, match="outside the class list"):
+        source().check(Path("image.jpg"), path, ["a"], HW)
+    assert "cheap-check" in registry().get("mask_source", "file").tags

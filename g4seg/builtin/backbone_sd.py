@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from pydantic import Field
 
 from g4seg.components import AttentionLayer, Conditioning
+from g4seg.console import loading
 from g4seg.errors import G4SegError
 from g4seg.hookspecs import hookimpl
-from g4seg.model_ref import load_pretrained, resolve_model_ref
+from g4seg.model_ref import describe_source, load_pretrained, resolve_model_ref
 from g4seg.registry import ComponentSpec, Options, Runtime
 
 if TYPE_CHECKING:
@@ -62,10 +63,11 @@ class SDBackbone:
         self.model_ref = resolve_model_ref(options.model, MODEL_OPTION)
         load = partial(load_pretrained, ref=self.model_ref, revision=options.revision, offline=runtime.offline,
                        option=MODEL_OPTION)
-        self.unet = self._ready(load(diffusers.UNet2DConditionModel, subfolder="unet", dtype=self.dtype))
-        self._load_text(load)
-        self.vae = self._load_vae(load, options.vae, runtime.offline)
-        scheduler = load(getattr(diffusers, self.scheduler_class), subfolder="scheduler")
+        with loading("the diffusion backbone", describe_source(self.model_ref, options.revision, runtime.offline)):
+            self.unet = self._ready(load(diffusers.UNet2DConditionModel, subfolder="unet", dtype=self.dtype))
+            self._load_text(load)
+            self.vae = self._load_vae(load, options.vae, runtime.offline)
+            scheduler = load(getattr(diffusers, self.scheduler_class), subfolder="scheduler")
         self.alphas_cumprod: torch.Tensor = scheduler.alphas_cumprod.float().cpu()
         self.prediction_type: str = scheduler.config.prediction_type
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -89,8 +91,9 @@ class SDBackbone:
         if vae is None:
             model = load(AutoencoderKL, subfolder="vae", dtype=self.dtype)
         else:
-            model = load_pretrained(AutoencoderKL, resolve_model_ref(vae, VAE_OPTION), offline=offline,
-                                    option=VAE_OPTION, dtype=self.dtype)
+            ref = resolve_model_ref(vae, VAE_OPTION)
+            with loading("the VAE", describe_source(ref, None, offline)):
+                model = load_pretrained(AutoencoderKL, ref, offline=offline, option=VAE_OPTION, dtype=self.dtype)
         return self._ready(model.float() if self._upcast_vae(model) else model)
 
     def _upcast_vae(self, vae: Any) -> bool:

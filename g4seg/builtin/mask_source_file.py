@@ -12,7 +12,14 @@
   ``classes`` start with ``background`` (its first map); or, without names, K+1 maps for K classes
   (the first map is the background). Any other count is an error.
 
-Every problem is one G4SegError line naming the file.
+Masks are in the image's displayed orientation: images are read with their EXIF orientation applied
+(:func:`g4seg.io.load_image`), and so are mask images. A mask of the image's size transposed (a
+rotated mask, or one made for the stored pixels of an image whose EXIF rotates it) is refused with a
+hint saying so, also with ``resize``, which never rotates: it refuses a mask whose aspect ratio is
+the transposed image's and not the image's, instead of stretching it.
+
+Every problem is one G4SegError line naming the file. :meth:`FileMaskSource.check` runs the same
+checks without keeping the result (``g4seg refine`` checks every mask before it loads a model).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from typing import Literal
 
 import numpy as np
 
+from g4seg.checks import CHEAP_CHECK_TAG  # building is cheap and check() needs no model
 from g4seg.components import CoarseMask
 from g4seg.errors import G4SegError
 from g4seg.hookspecs import hookimpl
@@ -59,6 +67,13 @@ class FileMaskSource:
         if not classes:
             raise G4SegError(f"mask {mask_path}: the class list is empty (give at least one class name)")
         if not mask_path.is_file():
+            from g4seg.io import dangling_link
+
+            broken = dangling_link(mask_path)
+            if broken:
+                raise G4SegError(f"mask {broken}")
+            if mask_path.is_dir():
+                raise G4SegError(f"mask {mask_path} is a folder, not a file")
             raise G4SegError(f"mask file not found: {mask_path}")
         soft = mask_path.suffix.lower() in ARRAY_SUFFIXES
         background = None
@@ -68,11 +83,16 @@ class FileMaskSource:
             probs, ignore = self._read_image(mask_path, classes)
         if background is not None:
             probs = np.concatenate([background[None], probs])
-        probs, ignore = self._fit(mask_path, probs, ignore, tuple(image_hw), soft)
+        probs, ignore = self._fit(mask_path, probs, ignore, tuple(image_hw), soft, image_path)
         if background is not None:
             background, probs = probs[0], probs[1:]
         return CoarseMask(np.ascontiguousarray(probs, dtype=np.float32), ignore,
                           None if background is None else np.ascontiguousarray(background, dtype=np.float32))
+
+    def check(self, image_path: Path, mask_path: Path | None, classes: Sequence[str],
+              image_hw: tuple[int, int]) -> None:
+        """Raise the G4SegError :meth:`load` would raise (file, format, values, class count, size)."""
+        self.load(image_path, mask_path, classes, image_hw)
 
     def _read_image(self, path: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
         values, palette = _image_values(path)
@@ -88,14 +108,19 @@ class FileMaskSource:
         return _labels_to_probs(path, values, classes)
 
     def _fit(self, path: Path, probs: np.ndarray, ignore: np.ndarray | None, image_hw: tuple[int, int],
-             soft: bool) -> tuple[np.ndarray, np.ndarray | None]:
+             soft: bool, image_path: Path | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Check the size; with ``resize``, bilinear for probability arrays, nearest for label images."""
-        mask_hw = probs.shape[1:]
+        mask_hw = tuple(probs.shape[1:])
         if mask_hw == image_hw:
             return probs, ignore
+        rotated = image_hw[::-1]
+        if mask_hw == rotated or (_aspect_like(mask_hw, rotated) and not _aspect_like(mask_hw, image_hw)):
+            raise G4SegError(_rotated_message(path, mask_hw, image_path, image_hw, self.options.resize))
         if not self.options.resize:
+            hint = ("or set -o mask_source.resize=true to resample it" if _aspect_like(mask_hw, image_hw) else
+                    "(-o mask_source.resize=true would stretch this one: its aspect ratio differs)")
             raise G4SegError(f"mask {path} is {_size(mask_hw)} (HxW) but the image is {_size(image_hw)}; "
-                             f"give a mask of the image's size or set -o mask_source.resize=true")
+                             f"give a mask of the image's size {hint}")
         from scipy.ndimage import zoom
 
         factors = (1, image_hw[0] / mask_hw[0], image_hw[1] / mask_hw[1])
@@ -103,6 +128,39 @@ class FileMaskSource:
         if ignore is not None:
             ignore = zoom(ignore.astype(np.uint8), factors[1:], order=0, mode="nearest", grid_mode=True) > 0
         return np.clip(resized, 0.0, 1.0), ignore
+
+
+def _aspect_like(hw: tuple[int, int], reference: tuple[int, int]) -> bool:
+    """Whether ``hw`` is ``reference`` scaled, up to rounding each side to whole pixels.
+
+    Scaling by s and rounding gives h' = s h + e1, w' = s w + e2 with |e| <= 1/2, so
+    |h' w - w' h| <= (h + w) / 2 (and the same with the roles swapped).
+    """
+    (h, w), (rh, rw) = hw, reference
+    return abs(h * rw - w * rh) <= max(h + w, rh + rw) / 2
+
+
+def _rotated_message(path: Path, mask_hw: tuple[int, int], image_path: Path | None, image_hw: tuple[int, int],
+                     resize: bool) -> str:
+    """Why a mask with the transposed image's shape (or aspect) is refused, and what to do about it."""
+    exact = mask_hw == image_hw[::-1]
+    shape = "the image's size transposed" if exact else "the aspect ratio of the image transposed"
+    header = None
+    if image_path is not None:
+        from g4seg.io import read_image_header
+
+        try:
+            header = read_image_header(Path(image_path))
+        except G4SegError:
+            header = None
+    stretch = "; -o mask_source.resize=true does not rotate masks" if resize else ""
+    if header is not None and header.transposed and header.hw == image_hw:
+        return (f"mask {path} is {_size(mask_hw)} (HxW) but the image is {_size(image_hw)}: the mask fits "
+                f"{image_path} as stored, but that image has EXIF orientation {header.orientation} and is read "
+                f"as viewers show it (rotated, {_size(image_hw)}); rotate the mask the same way, or remove the "
+                f"image's orientation tag{stretch}")
+    return (f"mask {path} is {_size(mask_hw)} (HxW) but the image is {_size(image_hw)}: {shape}, so the mask "
+            f"looks rotated by 90 degrees; rotate it to match the image as displayed{stretch}")
 
 
 def _list(values: Sequence[object], limit: int = 8) -> str:
@@ -114,9 +172,12 @@ def _image_values(path: Path) -> tuple[np.ndarray, bool]:
     """(H, W) integer values (palette indices, grey levels, or one channel of a grey RGB image), palette?"""
     from PIL import Image, UnidentifiedImageError
 
+    from PIL import ImageOps
+
     try:
         with Image.open(path) as img:
             img.load()
+            img = ImageOps.exif_transpose(img)  # as viewers show it, like the image it belongs to
             mode = img.mode
             array = np.asarray(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
@@ -228,4 +289,5 @@ def _build(options: FileMaskOptions, runtime: Runtime) -> FileMaskSource:
 @hookimpl
 def register_mask_sources(register):
     register(ComponentSpec(kind="mask_source", name="file", aliases=("files",), factory=_build,
-                           options=FileMaskOptions, description="coarse masks from PNG/NPY/NPZ files"))
+                           options=FileMaskOptions, tags=frozenset({CHEAP_CHECK_TAG}),
+                           description="coarse masks from PNG/NPY/NPZ files"))

@@ -60,10 +60,14 @@ def eval_command(
         "--compare", help="Folder of the coarse masks (<id>.png) to report the gain over.")] = None,
 ) -> None:
     """mIoU as mmsegmentation's IoUMetric computes it (dataset-wide sums, 255 ignored), per class."""
+    from g4seg.checks import check_output_file
+    from g4seg.errors import G4SegError
     from g4seg.evaluation import compare, evaluate
     from g4seg.io import atomic_write_bytes
     from g4seg.plugins import registry
 
+    if json_file is not None:
+        check_output_file(json_file, "--json")  # before the evaluation, not after it
     data = registry().get("dataset", dataset).build({"root": root, "split": split})
     result = evaluate(pred_dir, data)
     comparison = compare(result, evaluate(compare_dir, data)) if compare_dir is not None else None
@@ -76,5 +80,8 @@ def eval_command(
         console.print(_bin_table(comparison))
         report["compare"] = comparison.to_json()
     if json_file is not None:
-        atomic_write_bytes(json_file, (json.dumps(report, indent=2) + "\n").encode())
+        try:
+            atomic_write_bytes(json_file, (json.dumps(report, indent=2) + "\n").encode())
+        except OSError as exc:
+            raise G4SegError(f"cannot write --json {json_file}: {exc.strerror or exc}") from None
         console.print(f"wrote {json_file}")

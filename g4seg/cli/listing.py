@@ -92,6 +92,15 @@ def list_command(
     if as_json:
         typer.echo(json.dumps([_spec_dict(s, options) for s in specs], indent=2, default=str))
         return
+    if not specs:
+        plural = f"{KIND_NAMES[kind]}s".replace("_", " ")
+        installed = registry().list(KIND_NAMES[kind])
+        if installed:
+            console.print(f"no {plural} match '{pattern}' (installed: {', '.join(s.name for s in installed)})")
+        else:
+            console.print(f"no {plural} installed: a plugin adds them with the hook "
+                          f"register_{KIND_NAMES[kind]}s (see docs/plugins.md)")
+        return
     table = Table("name", "aliases", "tags", "plugin", "description", title=f"{KIND_NAMES[kind]}s")
     for spec in specs:
         table.add_row(spec.name, ", ".join(spec.aliases), ", ".join(sorted(spec.tags)), spec.plugin, spec.description)

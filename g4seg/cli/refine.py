@@ -8,22 +8,46 @@ from typing import Annotated, Optional
 import typer
 
 from g4seg.errors import G4SegError
-from g4seg.io import IMAGE_SUFFIXES
+from g4seg.io import IMAGE_SUFFIXES, dangling_link
 
 NO_MASK_FILE_TAG = "no-mask-file"  # mask sources that make coarse masks from the image alone
 BACKGROUND = "background"
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    """Image files of a folder, and dangling symbolic links named like images (reported, not skipped)."""
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or dangling_link(p)))
 
 
-def collect_items(inputs: list[Path], mask: Path | None, needs_mask: bool = True) -> list:
-    """Work items for image files and folders; a folder ``mask`` is searched by the image's stem.
+def _masks_for(images: list[Path], folder: Path, what: str) -> tuple[list[Path | None], dict[str, str]]:
+    """Each image's mask in ``folder`` (by stem, ignoring case), and one line per image without one."""
+    from g4seg.runner import MASK_SUFFIXES, find_mask, mask_index
 
-    A mask source that works from the image alone (``needs_mask`` false) takes no ``mask``.
+    index = mask_index(folder)
+    found: list[Path | None] = []
+    problems: dict[str, str] = {}
+    for image in images:
+        stem = image.stem if isinstance(image, Path) else str(image)
+        try:
+            mask = find_mask(folder, stem, index)
+        except G4SegError as exc:
+            mask, problems[stem] = None, str(exc)
+        else:
+            if mask is None:
+                problems[stem] = (f"no {what} for '{stem}' in {folder} (looked for {stem}"
+                                  f"{'/'.join(MASK_SUFFIXES)}, ignoring case)")
+        found.append(mask)
+    return found, problems
+
+
+def collect_items(inputs: list[Path], mask: Path | None, needs_mask: bool = True) -> tuple[list, dict[str, str]]:
+    """Work items for image files and folders, and one line per item whose mask cannot be found.
+
+    A folder ``mask`` is searched by the image's stem (ignoring case, see ``runner.find_mask``). A
+    mask source that works from the image alone (``needs_mask`` false) takes no ``mask``.
     """
-    from g4seg.runner import WorkItem, find_mask
+    from g4seg.runner import WorkItem
 
     images: list[Path] = []
     for path in inputs:
@@ -31,6 +55,8 @@ def collect_items(inputs: list[Path], mask: Path | None, needs_mask: bool = True
             images.extend(_images_in(path))
         elif path.exists():
             images.append(path)
+        elif dangling_link(path):
+            raise G4SegError(f"input {dangling_link(path)}")
         else:
             raise G4SegError(f"input not found: {path}")
     if not images:
@@ -42,20 +68,24 @@ def collect_items(inputs: list[Path], mask: Path | None, needs_mask: bool = True
     if not needs_mask:
         if mask is not None:
             raise G4SegError("this mask source makes coarse masks from the images; leave out --mask")
-        return [WorkItem(p.stem, p, None) for p in images]
+        return [WorkItem(p.stem, p, None) for p in images], {}
     if mask is None:
         raise G4SegError("--mask is required (a mask file, or a folder of masks named like the images), "
                          "or use a mask source that needs none, e.g. --mask-source sclip")
     if not mask.exists():
-        raise G4SegError(f"mask not found: {mask}")
+        raise G4SegError(f"mask {dangling_link(mask)}" if dangling_link(mask) else f"mask not found: {mask}")
     if mask.is_file() and len(images) > 1:
         raise G4SegError("several images need --mask to be a folder holding one mask per image stem")
-    return [WorkItem(p.stem, p, mask if mask.is_file() else find_mask(mask, p.stem)) for p in images]
+    if mask.is_file():
+        return [WorkItem(p.stem, p, mask) for p in images], {}
+    masks, problems = _masks_for(images, mask, "mask")
+    return [WorkItem(p.stem, p, m) for p, m in zip(images, masks)], problems
 
 
 def dataset_items(name: str, root: Path | None, split: str | None, coarse: Path | None,
-                  needs_mask: bool = True) -> tuple[list, list[str]]:
-    """Work items and class names of a dataset split, after checking its layout."""
+                  needs_mask: bool = True) -> tuple[list, list[str], dict[str, str]]:
+    """Work items and class names of a dataset split, after checking its layout, and one line per id
+    without a coarse mask."""
     from g4seg import runner
     from g4seg.plugins import registry
 
@@ -67,17 +97,54 @@ def dataset_items(name: str, root: Path | None, split: str | None, coarse: Path 
     dataset = registry().get("dataset", name).build({"root": root, "split": split})
     dataset.check()
     if not needs_mask:
-        return [runner.WorkItem(i, dataset.image_path(i), None) for i in dataset.ids()], list(dataset.classes)
-    return runner.dataset_items(dataset, coarse), list(dataset.classes)
+        return [runner.WorkItem(i, dataset.image_path(i), None) for i in dataset.ids()], list(dataset.classes), {}
+    if not Path(coarse).is_dir():
+        raise G4SegError(f"coarse mask folder not found: {coarse}")
+    ids = dataset.ids()
+    masks, problems = _masks_for(ids, Path(coarse), "coarse mask")
+    return [runner.WorkItem(i, dataset.image_path(i), m) for i, m in zip(ids, masks)], list(dataset.classes), problems
+
+
+def check_inputs(items: list, problems: dict[str, str], cfg, class_names: list[str], out: Path, *,
+                 fail_fast: bool, single: bool) -> tuple[list, dict[str, str]]:
+    """Every cheap check before any model loads (see g4seg.checks): the valid items and the invalid ones.
+
+    A problem with the settings, the class names or ``--out`` is one G4SegError. Invalid items are
+    too with ``--fail-fast`` or a single image; otherwise they are listed on stderr (one line each,
+    after a count line) and the others go on (the command then exits 1).
+    """
+    from g4seg.checks import check_items, check_output_folder, check_settings, invalid_summary
+    from g4seg.sharding import current_shard
+
+    runtime = check_settings(cfg, class_names)
+    problems = dict(problems)
+    problems.update(check_items([i for i in items if i.stem not in problems], class_names, cfg, runtime))
+    problems = {i.stem: problems[i.stem] for i in items if i.stem in problems}  # in input order
+    if problems and (fail_fast or single):
+        raise G4SegError(next(iter(problems.values())))
+    valid = [item for item in items if item.stem not in problems]
+    if problems and current_shard().is_main:
+        for line in invalid_summary(problems, len(items)):
+            typer.echo(line, err=True)
+    if not valid:
+        raise typer.Exit(1)
+    check_output_folder(out)
+    return valid, problems
 
 
 def class_list(text: str | None) -> list[str]:
     """``--classes`` as names; a leading ``background`` only says that stacks hold it first (K+1 maps)."""
-    names = [c.strip() for c in (text or "").split(",") if c.strip()]
-    if names and names[0].lower() == BACKGROUND:
+    names = [c.strip() for c in (text or "").split(",")]
+    if not any(names):
+        raise G4SegError("--classes is required (comma-separated class names in mask order)")
+    if names[0].lower() == BACKGROUND:
         names = names[1:]
     if not names:
         raise G4SegError("--classes is required (comma-separated class names in mask order)")
+    empty = [str(i + 1) for i, name in enumerate(names) if not name]
+    if empty:
+        raise G4SegError(f"--classes '{text}': name {' and '.join(empty)} of {len(names)} is empty "
+                         f"(give every class a name, in mask order)")
     return names
 
 
@@ -178,12 +245,14 @@ def refine_command(
     if dataset is not None:
         if inputs:
             raise G4SegError("give either INPUT images or --dataset, not both")
-        items, class_names = dataset_items(dataset, root, split, coarse, needs_mask)
+        items, class_names, problems = dataset_items(dataset, root, split, coarse, needs_mask)
     else:
         if not inputs:
             raise G4SegError("give INPUT images/folders, or --dataset with --root/--split/--coarse")
         class_names = class_list(classes)
-        items = collect_items(inputs, mask, needs_mask)
+        items, problems = collect_items(inputs, mask, needs_mask)
+    items, problems = check_inputs(items, problems, cfg, class_names, out, fail_fast=fail_fast,
+                                   single=dataset is None and len(items) == 1)
 
     from g4seg import runner
     from g4seg.sharding import current_shard
@@ -193,8 +262,13 @@ def refine_command(
                          progress=progress)
     shard = current_shard()
     prefix = f"rank {shard.rank}: " if shard.world_size > 1 else ""
-    typer.echo(f"{prefix}done {summary.done}, skipped {summary.skipped}, failed {summary.failed} -> {summary.out_dir}")
+    redone = [f"{n} {why}" for n, why in ((summary.changed, "redone: inputs changed"),
+                                          (summary.repaired, "redone: outputs missing or damaged")) if n]
+    done = f"done {summary.done}" + (f" ({', '.join(redone)})" if redone else "")
+    typer.echo(f"{prefix}{done}, skipped {summary.skipped}, failed {summary.failed} -> {summary.out_dir}")
     for stem, message in summary.errors.items():
         typer.echo(f"  {stem}: {message}", err=True)
-    if summary.failed:
+    if problems:
+        typer.echo(f"{prefix}invalid {len(problems)} (not refined; listed above)", err=True)
+    if summary.failed or problems:
         raise typer.Exit(1)
