@@ -114,7 +114,7 @@ class Refiner:
         """
         classes = list(classes)
         self._check_inputs(image, probs, classes, background)
-        probs = probs.astype(np.float32)
+        probs = probs.astype(np.float32)  # our own copy: Eq. 9 updates it in place
         if masks.is_hard(probs, background):
             coarse = masks.hard_labels(probs, background)
             rule, background = masks.HARD_RULE, None
@@ -122,15 +122,15 @@ class Refiner:
         else:
             rule = masks.resolve_rule(self.config, source_rule, background is not None)
             coarse = rule.labels(probs, background)
-        refined = torch.from_numpy(probs.copy())
+        refined = torch.from_numpy(probs)
         lo, hi = self.config.cf
         active = [k for k in range(len(classes)) if ((refined[k] >= lo) & (refined[k] <= hi)).any()]
         generated: dict[str, np.ndarray] = {}
         matches: dict[str, np.ndarray] = {}
         if active:
-            regions = torch.from_numpy(coarse[None] == np.arange(1, len(classes) + 1)[:, None, None])
+            labels = torch.from_numpy(coarse)
             with torch.inference_mode():
-                self._refine_active(image, refined, regions, classes, active, generated, matches)
+                self._refine_active(image, refined, labels, classes, active, generated, matches)
         out = refined.numpy()
         if self.postprocessor is not None:
             out = self.postprocessor(image, out)
@@ -158,7 +158,7 @@ class Refiner:
             if not np.isfinite(background).all() or background.min() < 0 or background.max() > 1:
                 raise G4SegError("background probabilities must be finite and within [0, 1]")
 
-    def _refine_active(self, image: np.ndarray, refined: torch.Tensor, regions: torch.Tensor, classes: list[str],
+    def _refine_active(self, image: np.ndarray, refined: torch.Tensor, coarse: torch.Tensor, classes: list[str],
                        active: list[int], generated: dict[str, np.ndarray], matches: dict[str, np.ndarray]) -> None:
         bb, cfg, size = self.backbone, self.config, self.resolution
         pixels = F.interpolate(_image_tensor(image), size=(size, size), mode="bilinear", antialias=True,
@@ -168,7 +168,9 @@ class Refiner:
         noise = diffusion_math.seeded_noise(tuple(z0.shape), cfg.seed).to(bb.device)
         z_t = diffusion_math.add_noise(z0, alpha_bar, noise.to(z0.dtype))
         original_features = self.extractor(pixels.to(bb.device))[0].float().cpu()
-        injection = F.interpolate(regions.float()[:, None], size=(size, size), mode="nearest")[:, 0] > 0.5
+        # class k's injection mask: its region of the input label map, nearest-resized to the model input
+        labels = F.interpolate(coarse[None, None].float(), size=(size, size), mode="nearest")[0, 0]
+        injection = labels[None] == torch.arange(1, len(classes) + 1, dtype=labels.dtype)[:, None, None]
         guided = cfg.guidance_scale is not None
         for start in range(0, len(active), cfg.class_batch):
             chunk = active[start:start + cfg.class_batch]

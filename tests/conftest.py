@@ -43,3 +43,13 @@ def tiny_clip_options(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str
     from g4seg.testing.tiny_clip import save_tiny_clip
 
     return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+
+
+@pytest.fixture(scope="session")
+def config_file(tmp_path_factory, tiny_sd_dir, tiny_clip_options) -> Path:
+    """A TOML config that points ``g4seg refine`` at the tiny SD and CLIP models, on CPU at 64 px."""
+    lines = ["resolution = 64", 'device = "cpu"', "[options.backbone]", f'model = "local-dir:{tiny_sd_dir}"',
+             "[options.extractor]", *(f'{k} = "{v}"' for k, v in tiny_clip_options.items())]
+    path = tmp_path_factory.mktemp("cfg") / "tiny.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -17,15 +17,6 @@ from g4seg.masks import MergeRule
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def config_file(tmp_path_factory, tiny_sd_dir, tiny_clip_options):
-    lines = ["resolution = 64", 'device = "cpu"', "[options.backbone]", f'model = "local-dir:{tiny_sd_dir}"',
-             "[options.extractor]", *(f'{k} = "{v}"' for k, v in tiny_clip_options.items())]
-    path = tmp_path_factory.mktemp("cfg") / "tiny.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def _scene(folder, stem="img", size=(48, 40)):
     w, h = size
     yy, xx = np.mgrid[:h, :w]

@@ -31,15 +31,6 @@ runner = CliRunner()
 MODEL_LOADED = "the model was loaded"
 
 
-@pytest.fixture(scope="module")
-def config_file(tmp_path_factory, tiny_sd_dir, tiny_clip_options):
-    lines = ["resolution = 64", 'device = "cpu"', "[options.backbone]", f'model = "local-dir:{tiny_sd_dir}"',
-             "[options.extractor]", *(f'{k} = "{v}"' for k, v in tiny_clip_options.items())]
-    path = tmp_path_factory.mktemp("cfg") / "tiny.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 @pytest.fixture
 def no_models(monkeypatch):
     """Any attempt to build a model fails loudly: the checks under test must come first."""

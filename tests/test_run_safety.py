@@ -74,15 +74,6 @@ def procs():
         proc.wait(timeout=WAIT_S)
 
 
-@pytest.fixture(scope="module")
-def config_file(tmp_path_factory, tiny_sd_dir, tiny_clip_options):
-    lines = ["resolution = 64", 'device = "cpu"', "[options.backbone]", f'model = "local-dir:{tiny_sd_dir}"',
-             "[options.extractor]", *(f'{k} = "{v}"' for k, v in tiny_clip_options.items())]
-    path = tmp_path_factory.mktemp("cfg") / "tiny.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def _photos_and_masks(root: Path, n: int, image_suffix: str = ".jpg") -> tuple[Path, Path]:
     """``root/imgs/im<i><suffix>`` photos and ``root/masks/im<i>.png`` binary masks (named like the outputs)."""
     imgs, masks = root / "imgs", root / "masks"
