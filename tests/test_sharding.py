@@ -113,3 +113,53 @@ def test_two_process_torchrun(fakes, tmp_path):
     summary = run(items, out, fx.make_config(), fx.CLASSES, build_refiner=lambda: None, progress=False)
     assert (summary.done, summary.skipped) == (0, 7)
     assert len(read_entries(out)) == 7
+
+
+def test_torchrun_of_the_real_cli_shards_the_images_and_one_process_resumes_them_all(tmp_path, config_file):
+    """``torchrun -m g4seg refine`` itself, two ranks on CPU with tiny models: each rank refines its share
+    into the shared folder with its own manifest, and a single-process rerun skips everything."""
+    import numpy as np
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from g4seg.cli import app
+
+    n = 5
+    imgs, masks = tmp_path / "imgs", tmp_path / "masks"
+    imgs.mkdir(), masks.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(imgs / f"im{i:02d}.png")
+        mask = np.zeros((40, 48), np.uint8)
+        mask[8 + i: 30, 10: 34 - i] = 255
+        Image.fromarray(mask).save(masks / f"im{i:02d}.png")
+    out = tmp_path / "out"
+    args = [imgs, "--mask", masks, "--classes", "cat", "--out", out, "--config", config_file, "--no-progress"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "0", "-m", "g4seg", "refine", *map(str, args)],
+                          env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shares = {}
+    for rank in (0, 1):
+        lines = [json.loads(line) for line in (out / f"manifest.rank{rank}.jsonl").read_text().splitlines()]
+        assert {(e["rank"], e["status"]) for e in lines} == {(rank, "done")}
+        shares[rank] = [e["stem"] for e in lines]
+    assert shares == {0: ["im00", "im02", "im04"], 1: ["im01", "im03"]}, "every WORLD_SIZE-th image from the rank"
+    assert not (out / "manifest.jsonl").exists()
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    for i in range(n):
+        with Image.open(out / f"im{i:02d}.png") as img:
+            img.verify()
+        with Image.open(out / f"im{i:02d}.png") as img:
+            assert img.mode == "P" and img.size == (48, 40) and set(np.unique(np.asarray(img))) <= {0, 1}
+        with np.load(out / f"im{i:02d}.npz") as npz:
+            assert npz["probs"].shape == (1, 40, 48) and np.isfinite(npz["probs"]).all()
+            assert list(npz["classes"]) == ["cat"]
+    assert not list(out.rglob("*.tmp"))
+    # one process resumes the sharded folder: everything is skipped and nothing is written
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*"))
+    result = CliRunner().invoke(app, ["refine", *map(str, args)])
+    assert result.exit_code == 0 and f"done 0, skipped {n}, failed 0" in result.output, result.output
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+    assert len(read_entries(out)) == n

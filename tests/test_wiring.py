@@ -1,0 +1,1048 @@
+"""Wiring: every setting reaches its effect, and the effects are the documented ones (issue 15, items 1-2).
+
+Two tables drive the first half: ``CONFIG_ROWS`` (one row per ``RefineConfig`` field) and ``OPTION_ROWS``
+(one row per option of every built-in component, ``kind:name.option``). A new field or option without a
+row fails :func:`test_every_setting_has_a_row`. Each row changes the setting from its default and checks
+the documented output (generated image, probabilities, labels, what the attention layers bind, the
+features...), through ``Refiner.from_config`` / ``Refiner.from_names``, the component specs or the CLI.
+Rows where a setting legitimately has no effect in a case (``class_batch``, ``cache_dir``, ``revision`` of
+a local folder, ``alpha`` under the dense rule, ...) assert equality there and say why.
+
+The second half checks semantics against independent computations: what the attention processors bind
+(pixels and tokens, per layer and batch entry), the Eq. 8 correspondence, a registered test
+post-processor (API and CLI), unsupported backbone/injector pairs (API and CLI, before any model loads)
+and ``--offline`` (a subprocess with the Hub's offline variables unset).
+
+Spies (module scope) record what really runs: every ``MaskedAttnProcessor.attend`` call (its processor's
+kind, grid, rule, strength, pixel mask and token lists), the noise step (z0, alpha_bar, eps), each UNet
+call (batch, timestep) and each ``clip`` extractor call (input images and features).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy.ndimage import distance_transform_edt
+from typer.testing import CliRunner
+
+from g4seg import Refiner, diffusion_math, plugins
+from g4seg.builtin import backbone_sd
+from g4seg.builtin.extractor_clip import ClipExtractor
+from g4seg.builtin.injector_attn import MaskedAttnProcessor
+from g4seg.config import RefineConfig
+from g4seg.errors import G4SegError
+from g4seg.io import voc_palette
+from g4seg.registry import ComponentSpec, Registry, Runtime
+
+H, W = 40, 56  # non-square on purpose: the refiner resizes to a square model input (64)
+SIZE = 64
+CLASSES = ["potted plant", "cat", "dog"]  # "potted plant" is two tokens
+ROOT = Path(__file__).resolve().parents[1]
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+cli = CliRunner()
+
+
+# ----- the scene ---------------------------------------------------------------------------------
+
+def label_map() -> np.ndarray:
+    """Three classes in different, asymmetric regions (an inverted or transposed mask cannot match)."""
+    labels = np.zeros((H, W), np.uint8)
+    labels[4:22, 3:26] = 1
+    labels[6:30, 30:52] = 2
+    labels[31:38, 8:48] = 3
+    return labels
+
+
+def scene_image() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    colours = np.array([[30, 110, 190], [60, 160, 40], [210, 60, 50], [240, 220, 90]])
+    image = colours[label_map()] + rng.integers(-25, 26, (H, W, 3))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def one_hot(labels: np.ndarray, k: int = len(CLASSES)) -> np.ndarray:
+    return (labels[None] == np.arange(1, k + 1)[:, None, None]).astype(np.float32)
+
+
+def soft_stack() -> np.ndarray:
+    """Soft K stack, no exact 0/1: regions at ~0.8, elsewhere ~0.2 (class 1 a bit higher, so class 3 wins only
+    its strip: a small share of the foreground for the sclip area filter)."""
+    rng = np.random.default_rng(1)
+    probs = 0.15 + 0.6 * one_hot(label_map()) + rng.uniform(0.005, 0.1, (len(CLASSES), H, W))
+    probs[0] += 0.05 * (label_map() == 0)
+    return probs.astype(np.float32)
+
+
+# ----- independent references --------------------------------------------------------------------
+
+def ref_threshold(probs, thd):
+    return np.where(probs.max(0) < thd, 0, probs.argmax(0) + 1).astype(np.uint8)
+
+
+def ref_argmax_bg(probs, background):
+    return np.concatenate([background[None], probs]).argmax(0).astype(np.uint8)
+
+
+def ref_sclip(probs, prob_thd, area_thd=None):
+    scores = np.concatenate([np.zeros((1, H, W), probs.dtype), probs])
+    if area_thd is not None:
+        area = np.bincount(scores.argmax(0).ravel(), minlength=len(scores))[1:]
+        scores[1:] *= (area > area_thd * area.sum())[:, None, None]
+    labels = scores.argmax(0).astype(np.uint8)
+    labels[scores.max(0) < prob_thd] = 0
+    return labels
+
+
+def ref_pow(probs, power):
+    return ref_argmax_bg(probs, (1 - probs.max(0)) ** power)
+
+
+def ref_ramp(labels, k, width):
+    """p = clip(0.5 + sd / (2 r)), sd the signed centre-to-centre distance to the boundary minus half a pixel."""
+    out = []
+    for c in range(1, k + 1):
+        inside = labels == c
+        sd = np.where(inside, distance_transform_edt(inside) - 0.5, 0.5 - distance_transform_edt(~inside))
+        out.append(np.clip(0.5 + sd / (2 * width), 0, 1))
+    return np.stack(out).astype(np.float32)
+
+
+def nearest_index(n_in: int, n_out: int) -> np.ndarray:
+    """torch's mode='nearest': source index floor(dst * in / out)."""
+    return np.floor(np.arange(n_out) * (n_in / n_out)).astype(int)
+
+
+def grid_masks(labels: np.ndarray, grid: tuple[int, int], size: int = SIZE) -> np.ndarray:
+    """(K, gh*gw) class regions: the label map nearest-resized to the model input, then to the grid."""
+    at_input = labels[nearest_index(H, size)][:, nearest_index(W, size)]
+    on_grid = at_input[nearest_index(size, grid[0])][:, nearest_index(size, grid[1])]
+    return np.stack([(on_grid == k).ravel() for k in range(1, len(CLASSES) + 1)])
+
+
+def token_positions(tokenizer, prompt: str, name: str) -> list[int]:
+    ids = tokenizer(prompt).input_ids
+    target = tokenizer(name, add_special_tokens=False).input_ids
+    return sorted({i + j for i in range(len(ids) - len(target) + 1) if ids[i:i + len(target)] == target
+                   for j in range(len(target))})
+
+
+def resized_input(image: np.ndarray, size: int = SIZE) -> torch.Tensor:
+    pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    return F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+
+
+# ----- spies and test components ---------------------------------------------------------------------
+
+REC: dict[str, list] = {"attend": [], "noise": [], "predict": [], "extract": []}
+
+
+@pytest.fixture(scope="module")
+def spies():
+    mp = pytest.MonkeyPatch()
+    attend, add_noise = MaskedAttnProcessor.attend, diffusion_math.add_noise
+    predict, extract = backbone_sd.SDBackbone.predict, ClipExtractor.__call__
+
+    def spy_attend(self, query, key, value, scale, attention_mask):
+        REC["attend"].append({"kind": self.kind, "grid": tuple(self.grid), "rule": self.rule,
+                              "strength": self.strength, "guided": self.guided, "batch": query.shape[0],
+                              "pixels": self.pixels.detach().cpu().clone(),
+                              "tokens": [list(t) for t in self.token_indices]})
+        return attend(self, query, key, value, scale, attention_mask)
+
+    def spy_add_noise(z0, alpha_bar, noise):
+        REC["noise"].append((z0.detach().clone(), alpha_bar.detach().clone(), noise.detach().clone()))
+        return add_noise(z0, alpha_bar, noise)
+
+    def spy_predict(self, latents, timestep, cond, **extra):
+        REC["predict"].append((latents.shape[0], timestep))
+        return predict(self, latents, timestep, cond, **extra)
+
+    def spy_extract(self, images):
+        out = extract(self, images)
+        REC["extract"].append((images.detach().clone(), out.detach().clone()))
+        return out
+
+    mp.setattr(MaskedAttnProcessor, "attend", spy_attend)
+    mp.setattr(diffusion_math, "add_noise", spy_add_noise)
+    mp.setattr(backbone_sd.SDBackbone, "predict", spy_predict)
+    mp.setattr(ClipExtractor, "__call__", spy_extract)
+    yield REC
+    mp.undo()
+
+
+POST_CALLS: list = []
+PLAIN_BUILDS: list = []
+
+
+def _flip_factory(options, runtime):
+    def flip(image, probs):
+        POST_CALLS.append(image.copy())
+        return (1.0 - probs).astype(np.float32)
+    return flip
+
+
+def _grid_extractor(options, runtime):
+    """Mean colour of 8x8 cells plus a constant channel, L2-normalised: an (h/8, w/8) grid."""
+    def extract(images):
+        pooled = F.avg_pool2d(images.float(), 8)
+        return F.normalize(torch.cat([pooled, torch.ones_like(pooled[:, :1])], 1), dim=1)
+    return extract
+
+
+def _plain_backbone(options, runtime):
+    PLAIN_BUILDS.append(options)
+    raise AssertionError("the backbone was built although its pair with the injector is unsupported")
+
+
+@pytest.fixture(scope="module")
+def registry_with_test_parts():
+    """The real registry plus a post-processor, an extractor and an SD backbone without 'unet-attention'."""
+    base = plugins.load()[0]
+    reg = Registry()
+    for spec in base.all():
+        reg.add(spec)
+    sd21 = base.get("backbone", "sd21")
+    reg.add(ComponentSpec(kind="postprocessor", name="wiring-flip", factory=_flip_factory, plugin="test_wiring"))
+    reg.add(ComponentSpec(kind="extractor", name="wiring-grid", factory=_grid_extractor, plugin="test_wiring",
+                          tags=frozenset({"features:dense"})))
+    reg.add(ComponentSpec(kind="backbone", name="wiring-plain", factory=_plain_backbone, options=sd21.options,
+                          tags=frozenset({"family:sd21"}), plugin="test_wiring"))
+    mp = pytest.MonkeyPatch()
+    mp.setattr(plugins, "load", lambda: (reg, plugins.LoadReport()))
+    yield reg
+    mp.undo()
+
+
+# ----- the context every row gets --------------------------------------------------------------------
+
+class Run:
+    def __init__(self, result, rec, refiner):
+        self.result, self.rec, self.refiner = result, rec, refiner
+
+    def gen(self, name="cat"):
+        return self.result.generated[name].astype(int)
+
+
+class Ctx:
+    def __init__(self, dirs, clip_options, folder: Path):
+        self.dirs, self.clip_options, self.folder = dirs, clip_options, folder
+        self.image, self.labels = scene_image(), label_map()
+        self.hard, self.soft = one_hot(self.labels), soft_stack()
+        self._refiners: dict[str, Refiner] = {}
+        self._runs: dict[str, Run] = {}
+        self.vae_dir = None
+
+    def options(self, backbone, extractor, backbone_options=None, extractor_options=None, **kinds):
+        family = {"sdxl": "sdxl", "lcm": "lcm"}.get(backbone, "sd")
+        options = {"backbone": {"model": f"local-dir:{self.dirs[family]}", **(backbone_options or {})},
+                   "extractor": {**(self.clip_options if extractor == "clip" else {}), **(extractor_options or {})}}
+        options.update({kind: value for kind, value in kinds.items() if value})
+        return options
+
+    def config(self, backbone="sd21", injector="attn", extractor="clip", backbone_options=None,
+               injector_options=None, extractor_options=None, **settings) -> RefineConfig:
+        options = self.options(backbone, extractor, backbone_options, extractor_options, injector=injector_options)
+        settings = {"resolution": SIZE, "device": "cpu", **settings}
+        return RefineConfig(backbone=backbone, injector=injector, extractor=extractor, options=options, **settings)
+
+    def refiner(self, **kwargs) -> Refiner:
+        config = self.config(**kwargs)
+        key = config.model_dump_json()
+        if key not in self._refiners:
+            self._refiners[key] = Refiner.from_config(config)
+        return self._refiners[key]
+
+    def run(self, probs="hard", background=None, **kwargs) -> Run:
+        """Refine the scene (hard label map or soft stack) with these settings, recording what runs."""
+        key = json.dumps([probs, background is not None, self.config(**kwargs).model_dump_json()])
+        if key not in self._runs:
+            refiner = self.refiner(**kwargs)
+            for entries in REC.values():
+                entries.clear()
+            result = refiner.refine(self.image, getattr(self, probs), CLASSES, background=background,
+                                    return_generated=True, return_correspondence=True)
+            self._runs[key] = Run(result, {k: list(v) for k, v in REC.items()}, refiner)
+        return self._runs[key]
+
+
+@pytest.fixture(scope="module")
+def ctx(spies, registry_with_test_parts, tiny_sd_dir, tiny_sd_v_dir, tiny_sdxl_dir, tiny_lcm_dir, tiny_clip_options,
+        tmp_path_factory):
+    from g4seg.testing.tiny_diffusion import save_tiny_vae
+
+    dirs = {"sd": tiny_sd_dir, "sd-v": tiny_sd_v_dir, "sdxl": tiny_sdxl_dir, "lcm": tiny_lcm_dir}
+    context = Ctx(dirs, tiny_clip_options, tmp_path_factory.mktemp("wiring"))
+    context.vae_dir = save_tiny_vae(context.folder / "vae")
+    return context
+
+
+def differs(a, b, at_least=1):
+    return np.abs(np.asarray(a, float) - np.asarray(b, float)).max() >= at_least
+
+
+# ===== item 1: RefineConfig rows ======================================================================
+
+def row_backbone(ctx, monkeypatch):
+    from g4seg.builtin.backbone_sdxl import SDXLBackbone
+
+    sdxl, sd21 = ctx.run(backbone="sdxl"), ctx.run()
+    assert type(sdxl.refiner.backbone) is SDXLBackbone and type(sd21.refiner.backbone) is backbone_sd.SDBackbone
+    # SDXL attends only at latent/2 and latent/4; SD 2.1 at every level
+    assert {r["grid"] for r in sdxl.rec["attend"]} == {(4, 4), (2, 2)}
+    assert {r["grid"] for r in sd21.rec["attend"]} == {(8, 8), (4, 4), (2, 2)}
+    assert differs(sdxl.gen(), sd21.gen())
+
+
+def row_injector(ctx, monkeypatch):
+    none, attn = ctx.run(injector="none"), ctx.run()
+    assert none.rec["attend"] == [] and attn.rec["attend"]
+    assert differs(none.gen(), attn.gen())
+    assert np.array_equal(none.gen(), ctx.run(injector_options={"strength": 0.0}).gen())
+
+
+def row_extractor(ctx, monkeypatch):
+    grid, clip = ctx.run(extractor="wiring-grid"), ctx.run()
+    assert grid.rec["extract"] == [] and clip.rec["extract"]  # the clip extractor never ran
+    assert grid.result.correspondence["cat"].shape == (8, 8) != clip.result.correspondence["cat"].shape
+    assert not np.array_equal(grid.result.probs, clip.result.probs)
+
+
+def row_mask_source(ctx, monkeypatch):
+    pytest.skip("checked through the CLI: test_cli_mask_source_file_and_sclip")
+
+
+def row_postprocessor(ctx, monkeypatch):
+    POST_CALLS.clear()
+    flipped, plain = ctx.run(postprocessor="wiring-flip"), ctx.run()
+    assert len(POST_CALLS) == 1 and np.array_equal(POST_CALLS[0], ctx.image)
+    assert np.array_equal(flipped.result.probs, (1 - plain.result.probs).astype(np.float32))
+    # a hard input keeps its rule (threshold at 0.5), applied to the post-processed probabilities
+    assert np.array_equal(flipped.result.labels, ref_threshold(1 - plain.result.probs, 0.5))
+    assert np.array_equal(flipped.result.coarse_labels, ctx.labels)
+
+
+def row_timestep(ctx, monkeypatch):
+    late, default = ctx.run(timestep=700), ctx.run()
+    bb = late.refiner.backbone
+    for run, t in ((late, 700), (default, 400)):
+        (z0, alpha_bar, eps), = run.rec["noise"]
+        assert float(alpha_bar) == float(bb.alphas_cumprod[t])
+        assert {step for _, step in run.rec["predict"]} == {t}
+    assert differs(late.gen(), default.gen())
+
+
+def row_beta(ctx, monkeypatch):
+    """Same generation (beta is used only by Eq. 9): the update S* - S scales with (1 - beta)."""
+    start = ctx.run(beta=1.0).result.probs  # beta 1: the input ramp itself
+    assert np.array_equal(start, ref_ramp(ctx.labels, 3, 0.05 * H))
+    d08 = ctx.run().result.probs - start
+    d05 = ctx.run(beta=0.5).result.probs - start
+    assert np.abs(d08).max() > 1e-3
+    np.testing.assert_allclose(d05, d08 * (0.5 / 0.2), atol=2e-6)
+
+
+def row_cf(ctx, monkeypatch):
+    start = ctx.run(beta=1.0).result.probs
+    narrow = ctx.run(cf=(0.3, 0.45)).result.probs != start
+    wide = ctx.run().result.probs != start
+    assert narrow.any() and (wide & ((start < 0.3) | (start > 0.45))).any()
+    assert not (narrow & ((start < 0.3) | (start > 0.45))).any()
+    assert not (wide & ((start < 0.2) | (start > 0.6))).any()
+
+
+def row_seed(ctx, monkeypatch):
+    other, default = ctx.run(seed=12345), ctx.run()
+    for run, seed in ((other, 12345), (default, 0)):
+        (z0, _, eps), = run.rec["noise"]
+        expected = torch.randn(tuple(z0.shape), generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(eps, expected)
+    assert differs(other.gen(), default.gen())
+
+
+def row_prompt(ctx, monkeypatch):
+    other, default = ctx.run(prompt="{} in a picture"), ctx.run()
+    assert other.rec["attend"][0]["tokens"] == [[1, 2], [1], [1]]
+    assert default.rec["attend"][0]["tokens"] == [[4, 5], [4], [4]]
+    assert differs(other.gen(), default.gen())
+
+
+def row_resolution(ctx, monkeypatch):
+    big = ctx.run(resolution=128)
+    assert big.result.generated["cat"].shape == (128, 128, 3)
+    assert {r["grid"] for r in big.rec["attend"]} == {(16, 16), (8, 8), (4, 4)}
+    assert big.rec["extract"][0][0].shape == (1, 3, 128, 128)
+    assert ctx.run().result.generated["cat"].shape == (64, 64, 3)
+
+
+def row_ramp_width(ctx, monkeypatch):
+    """With beta = 1 the refined probabilities of a hard mask are its signed-distance ramp, r = width x short side."""
+    narrow, wide = ctx.run(beta=1.0).result, ctx.run(beta=1.0, ramp_width=0.15).result
+    np.testing.assert_allclose(narrow.probs, ref_ramp(ctx.labels, 3, 0.05 * H), atol=1e-6)
+    np.testing.assert_allclose(wide.probs, ref_ramp(ctx.labels, 3, 0.15 * H), atol=1e-6)
+    assert np.abs(narrow.probs - wide.probs).max() > 0.1
+    assert np.array_equal(narrow.labels, ctx.labels) and np.array_equal(wide.labels, ctx.labels)
+
+
+NO_UPDATE = {"cf": (1.0, 1.0)}  # no soft value is exactly 1: nothing is generated, only the merge runs
+
+
+def _merged(ctx, background=None, **settings):
+    result = ctx.run(probs="soft", background=background, **NO_UPDATE, **settings).result
+    assert result.generated == {} and np.array_equal(result.probs, ctx.soft)
+    assert np.array_equal(result.labels, result.coarse_labels)
+    return result.labels
+
+
+def row_merge(ctx, monkeypatch):
+    p = ctx.soft
+    background = np.clip(0.5 - p.max(0) + 0.2, 0, 1).astype(np.float32)
+    expected = {"auto": ref_threshold(p, 0.5), "threshold": ref_threshold(p, 0.5), "sclip": ref_sclip(p, 0.0),
+                "pow": ref_pow(p, 1.0)}
+    got = {mode: _merged(ctx, merge=mode) for mode in expected}
+    for mode in expected:
+        assert np.array_equal(got[mode], expected[mode]), mode
+    assert np.array_equal(_merged(ctx, background, merge="argmax-bg"), ref_argmax_bg(p, background))
+    assert np.array_equal(_merged(ctx, background, merge="auto"), ref_argmax_bg(p, background))
+    # pow with k = 1 is threshold at 0.5 (1 - max > max iff max < 0.5); sclip without prob_thd has no background
+    assert not np.array_equal(got["threshold"], got["sclip"]) and np.array_equal(got["threshold"], got["pow"])
+
+
+def row_bg_threshold(ctx, monkeypatch):
+    low, default = _merged(ctx, bg_threshold=0.28), _merged(ctx)
+    assert np.array_equal(low, ref_threshold(ctx.soft, 0.28)) and np.array_equal(default, ref_threshold(ctx.soft, 0.5))
+    assert not np.array_equal(low, default)
+
+
+def row_prob_thd(ctx, monkeypatch):
+    high, default = _merged(ctx, merge="sclip", prob_thd=0.27), _merged(ctx, merge="sclip")
+    assert np.array_equal(high, ref_sclip(ctx.soft, 0.27)) and np.array_equal(default, ref_sclip(ctx.soft, 0.0))
+    assert not np.array_equal(high, default)
+
+
+def row_area_thd(ctx, monkeypatch):
+    filtered, default = _merged(ctx, merge="sclip", area_thd=0.2), _merged(ctx, merge="sclip")
+    assert np.array_equal(filtered, ref_sclip(ctx.soft, 0.0, 0.2))
+    assert (default == 3).any() and not (filtered == 3).any()  # the dog strip is < 20% of the foreground
+
+
+def row_bg_power(ctx, monkeypatch):
+    strong, default = _merged(ctx, merge="pow", bg_power=4.0), _merged(ctx, merge="pow")
+    assert np.array_equal(strong, ref_pow(ctx.soft, 4.0)) and np.array_equal(default, ref_pow(ctx.soft, 1.0))
+    assert not np.array_equal(strong, default)
+
+
+def row_guidance_scale(ctx, monkeypatch):
+    guided, default = ctx.run(guidance_scale=3.0), ctx.run()
+    assert all(r["guided"] and r["batch"] == 6 for r in guided.rec["attend"])  # [uncond x3, cond x3]
+    assert not any(r["guided"] for r in default.rec["attend"])
+    assert {b for b, _ in guided.rec["predict"]} == {6}
+    assert differs(guided.gen(), default.gen())
+
+
+def row_class_embedding(ctx, monkeypatch):
+    alone, default = ctx.run(class_embedding="alone"), ctx.run()
+    assert differs(alone.gen("potted plant"), default.gen("potted plant"))
+
+
+def row_class_batch(ctx, monkeypatch):
+    """Batching only: one UNet call per class, the same probabilities."""
+    single, default = ctx.run(class_batch=1), ctx.run()
+    assert [b for b, _ in single.rec["predict"]] == [1, 1, 1] and [b for b, _ in default.rec["predict"]] == [3]
+    np.testing.assert_allclose(single.result.probs, default.result.probs, atol=1e-5)
+
+
+def row_device(ctx, monkeypatch):
+    """CPU-only here: 'cpu' puts every model on the CPU; a CUDA device without CUDA is refused before loading."""
+    refiner = ctx.refiner()
+    assert refiner.backbone.device.type == "cpu" and next(refiner.backbone.unet.parameters()).device.type == "cpu"
+    assert refiner.extractor.device.type == "cpu"
+    if torch.cuda.is_available():
+        gpu = ctx.refiner(device="cuda:0")
+        assert next(gpu.backbone.unet.parameters()).device.type == "cuda" and gpu.extractor.device.type == "cuda"
+    else:
+        with pytest.raises(G4SegError, match="CUDA is not available"):
+            ctx.refiner(device="cuda:0")
+
+
+def row_dtype(ctx, monkeypatch):
+    half, default = ctx.run(dtype="bf16"), ctx.run()
+    assert next(half.refiner.backbone.unet.parameters()).dtype == torch.bfloat16
+    assert next(default.refiner.backbone.unet.parameters()).dtype == torch.float32
+    assert half.rec["noise"][0][0].dtype == torch.bfloat16
+    assert differs(half.gen(), default.gen())
+
+
+def row_offline(ctx, monkeypatch):
+    """In process: offline=True sets the Hub's variables (local folders still load). The CLI flag, with the
+    variables unset, in a subprocess: test_offline_flag_in_a_clean_process."""
+    for name in OFFLINE_VARIABLES:
+        monkeypatch.setenv(name, "")  # restored afterwards
+    Refiner.from_config(ctx.config(offline=True))
+    assert all(os.environ[name] == "1" for name in OFFLINE_VARIABLES)
+
+
+def row_options(ctx, monkeypatch):
+    """Component options reach the components (each option has its own row below)."""
+    refiner = ctx.refiner(extractor_options={"short_side": 64}, injector_options={"w_cross": 0.5},
+                          backbone_options={"model": f"local-dir:{ctx.dirs['sd-v']}"})
+    assert refiner.extractor.short_side == 64 and refiner.injector.options.w_cross == 0.5
+    assert refiner.backbone.prediction_type == "v_prediction"
+
+
+CONFIG_ROWS = {
+    "backbone": row_backbone, "injector": row_injector, "extractor": row_extractor, "mask_source": row_mask_source,
+    "postprocessor": row_postprocessor, "timestep": row_timestep, "beta": row_beta, "cf": row_cf, "seed": row_seed,
+    "prompt": row_prompt, "resolution": row_resolution, "ramp_width": row_ramp_width, "merge": row_merge,
+    "bg_threshold": row_bg_threshold, "prob_thd": row_prob_thd, "area_thd": row_area_thd, "bg_power": row_bg_power,
+    "guidance_scale": row_guidance_scale, "class_embedding": row_class_embedding, "class_batch": row_class_batch,
+    "device": row_device, "dtype": row_dtype, "offline": row_offline, "options": row_options,
+}
+
+
+# ===== item 1: component option rows ==================================================================
+
+BACKBONES = ("sd15", "sd21", "sd21-768", "sdxl", "lcm")
+
+
+def bb_model(name, ctx, monkeypatch):
+    if name in ("sd15", "sd21", "sd21-768"):
+        refiner = ctx.refiner(backbone=name, backbone_options={"model": f"local-dir:{ctx.dirs['sd-v']}"})
+        assert refiner.backbone.prediction_type == "v_prediction" and refiner.backbone.unet.config.upcast_attention
+        assert ctx.refiner(backbone=name).backbone.prediction_type == "epsilon"
+        if name == "sd21":
+            other = ctx.run(backbone_options={"model": f"local-dir:{ctx.dirs['sd-v']}"})
+            assert differs(other.gen(), ctx.run().gen())
+        return
+    assert Path(ctx.refiner(backbone=name).backbone.model_ref.location) == Path(ctx.dirs[name])
+    with pytest.raises(G4SegError) as info:  # an SD 2.1 folder is not an SDXL / LCM model
+        ctx.refiner(backbone=name, backbone_options={"model": f"local-dir:{ctx.dirs['sd']}"})
+    assert "\n" not in str(info.value) and str(ctx.dirs["sd"]) in str(info.value)
+
+
+def bb_revision(name, ctx, monkeypatch):
+    """A Hub id's revision reaches the loader; a local folder has no revisions (same weights)."""
+    calls = []
+
+    def loader(cls, **kwargs):
+        calls.append((kwargs["ref"].text, kwargs.get("revision")))
+        raise G4SegError("stop after the first load")
+
+    with monkeypatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setattr(backbone_sd, "load_pretrained", loader)
+        with pytest.raises(G4SegError, match="stop after"):
+            hub = {"model": "g4seg-tests/x", "revision": "v9"}
+            Refiner.from_config(ctx.config(backbone=name, backbone_options=hub))
+    assert calls == [("g4seg-tests/x", "v9")]
+    if name == "sd21":
+        pinned = ctx.refiner(backbone_options={"revision": "v9"}).backbone.unet.state_dict()
+        plain = ctx.refiner().backbone.unet.state_dict()
+        assert all(torch.equal(pinned[k], plain[k]) for k in plain)
+
+
+def bb_vae(name, ctx, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    expected = AutoencoderKL.from_pretrained(ctx.vae_dir).state_dict()
+    refiner = ctx.refiner(backbone=name, backbone_options={"vae": f"local-dir:{ctx.vae_dir}"})
+    loaded = refiner.backbone.vae.state_dict()
+    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
+    own = ctx.refiner(backbone=name).backbone.vae.state_dict()
+    assert not all(torch.equal(own[k], expected[k]) for k in expected)
+    if name == "sd21":
+        assert differs(ctx.run(backbone_options={"vae": f"local-dir:{ctx.vae_dir}"}).gen(), ctx.run().gen())
+
+
+def lcm_guidance_scale(ctx, monkeypatch):
+    low, default = ctx.run(backbone="lcm", backbone_options={"guidance_scale": 2.0}), ctx.run(backbone="lcm")
+    assert low.refiner.backbone.guidance_scale == 2.0 and default.refiner.backbone.guidance_scale == 8.0
+    assert differs(low.gen(), default.gen())
+
+
+def _injected(ctx, **options):
+    run = ctx.run(injector_options=options)
+    return run, {(r["kind"], r["grid"]): (r["rule"], r["strength"]) for r in run.rec["attend"]}
+
+
+GRIDS = ((8, 8), (4, 4), (2, 2))
+
+
+def attn_rule(ctx, monkeypatch):
+    (eq5, bound), (dense, default) = _injected(ctx, rule="eq5"), _injected(ctx)
+    assert set(bound.values()) == {("eq5", 16.0)}
+    assert default == {**{("cross", g): ("dense", 1.0) for g in GRIDS}, **{("self", g): ("dense", 0.3) for g in GRIDS}}
+    assert differs(eq5.gen(), dense.gen())
+
+
+def attn_w_cross(ctx, monkeypatch):
+    run, bound = _injected(ctx, w_cross=0.5)
+    assert {bound[("cross", g)] for g in GRIDS} == {("dense", 0.5)} and {bound[("self", g)] for g in GRIDS} == {
+        ("dense", 0.3)}
+    assert differs(run.gen(), ctx.run().gen())
+
+
+def attn_w_self(ctx, monkeypatch):
+    run, bound = _injected(ctx, w_self=0.8)
+    assert {bound[("self", g)] for g in GRIDS} == {("dense", 0.8)} and {bound[("cross", g)] for g in GRIDS} == {
+        ("dense", 1.0)}
+    assert differs(run.gen(), ctx.run().gen())
+
+
+def attn_alpha(ctx, monkeypatch):
+    """eq5: the bias weight; dense: no effect (the processors get the default strengths)."""
+    run, bound = _injected(ctx, rule="eq5", alpha=4.0)
+    assert set(bound.values()) == {("eq5", 4.0)}
+    assert differs(run.gen(), ctx.run(injector_options={"rule": "eq5"}).gen())
+    spec = plugins.load()[0].get("injector", "attn")
+    assert spec.build({"alpha": 4.0}).strengths(400) == spec.build({}).strengths(400) == {"cross": 1.0, "self": 0.3}
+
+
+def attn_strength(ctx, monkeypatch):
+    run, bound = _injected(ctx, strength=2.0)
+    assert {bound[("cross", g)] for g in GRIDS} == {("dense", 2.0)}
+    assert {bound[("self", g)] for g in GRIDS} == {("dense", 0.6)}
+    assert differs(run.gen(), ctx.run().gen())
+    off = ctx.run(injector_options={"strength": 0.0})
+    assert off.rec["attend"] == [] and np.array_equal(off.gen(), ctx.run(injector="none").gen())
+
+
+def attn_time_weight(ctx, monkeypatch):
+    run, bound = _injected(ctx, time_weight=True)
+    lam = 0.4 ** 5
+    assert [bound[("cross", g)][1] for g in GRIDS] == pytest.approx([lam] * 3)
+    assert [bound[("self", g)][1] for g in GRIDS] == pytest.approx([0.3 * lam] * 3)
+    assert differs(run.gen(), ctx.run().gen())
+
+
+def attn_cross(ctx, monkeypatch):
+    run, bound = _injected(ctx, cross=False)
+    assert {kind for kind, _ in bound} == {"self"}
+    assert differs(run.gen(), ctx.run().gen())
+
+
+def attn_self_attn(ctx, monkeypatch):
+    run, bound = _injected(ctx, self_attn=False)
+    assert {kind for kind, _ in bound} == {"cross"}
+    assert differs(run.gen(), ctx.run().gen())
+
+
+def attn_resolutions(ctx, monkeypatch):
+    run, bound = _injected(ctx, resolutions=[4])
+    assert set(bound) == {("cross", (4, 4)), ("self", (4, 4))}
+    assert differs(run.gen(), ctx.run().gen())
+
+
+def _features(ctx, seed=None, **options):
+    """The clip extractor built through its spec, on the scene's 64 px model input."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    extractor = plugins.load()[0].get("extractor", "clip").build({**ctx.clip_options, **options}, Runtime())
+    return extractor(resized_input(ctx.image))
+
+
+def _patch16_config(ctx) -> str:
+    from g4seg.testing.tiny_clip import TINY_CONFIG
+
+    config = json.loads(json.dumps(TINY_CONFIG))
+    config["vision_cfg"]["patch_size"] = 16
+    path = ctx.folder / "patch16.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def clip_model(ctx, monkeypatch):
+    same = _features(ctx, seed=0, pretrained="none")
+    assert torch.equal(same, _features(ctx, seed=0, pretrained="none"))
+    other = _features(ctx, seed=0, pretrained="none", model=_patch16_config(ctx))
+    assert same.shape[-2:] == (6, 6) and other.shape[-2:] == (3, 3)  # 48 px short side / patch 8 or 16
+
+
+def clip_pretrained(ctx, monkeypatch):
+    assert not torch.allclose(_features(ctx), _features(ctx, pretrained="none"))
+
+
+def clip_cache_dir(ctx, monkeypatch):
+    """A cache folder only matters for downloads: local files give the same features."""
+    assert torch.equal(_features(ctx), _features(ctx, cache_dir=str(ctx.folder / "clip-cache")))
+
+
+def clip_recipe(ctx, monkeypatch):
+    csa, value, tokens = (_features(ctx, recipe=r) for r in ("csa", "value", "tokens"))
+    assert not torch.allclose(csa, value) and not torch.allclose(csa, tokens) and not torch.allclose(value, tokens)
+
+
+def clip_geometry(ctx, monkeypatch):
+    assert _features(ctx).shape[-2:] == (6, 6) and _features(ctx, geometry="whole").shape[-2:] == (8, 8)
+    run = ctx.run(extractor_options={"geometry": "whole"})
+    assert run.result.correspondence["cat"].shape == (8, 8) and ctx.run().result.correspondence["cat"].shape == (6, 6)
+
+
+def clip_short_side(ctx, monkeypatch):
+    assert _features(ctx, short_side=64).shape[-2:] == (8, 8)
+
+
+def clip_stride(ctx, monkeypatch):
+    fine = _features(ctx, stride=8)
+    assert fine.shape == _features(ctx).shape and not torch.allclose(fine, _features(ctx))
+
+
+def clip_input_size(ctx, monkeypatch):
+    """whole: the side images are resized to; sliding: not used (same features)."""
+    assert _features(ctx, geometry="whole", input_size=32).shape[-2:] == (4, 4)
+    assert torch.equal(_features(ctx, input_size=32), _features(ctx))
+
+
+def _mask_file(ctx, name, array, mode="L"):
+    path = ctx.folder / name
+    image = Image.fromarray(array, mode=mode)
+    if mode == "P":
+        image.putpalette(voc_palette())  # without a palette Pillow may not keep the indices
+    image.save(path)
+    assert np.array_equal(np.asarray(Image.open(path)), array)
+    return path
+
+
+def file_mode(ctx, monkeypatch):
+    """A grey 0/255 mask for one class: binary (255 = the class) by default, a label map (255 = ignore) by mode."""
+    spec = plugins.load()[0].get("mask_source", "file")
+    mask = _mask_file(ctx, "binary.png", np.where(ctx.labels == 2, 255, 0).astype(np.uint8))
+    binary = spec.build({}).load(Path("img.png"), mask, ["cat"], (H, W))
+    labels = spec.build({"mode": "labels"}).load(Path("img.png"), mask, ["cat"], (H, W))
+    assert np.array_equal(binary.probs[0], ctx.labels == 2) and binary.ignore is None
+    assert not labels.probs.any() and np.array_equal(labels.ignore, ctx.labels == 2)
+
+
+def file_resize(ctx, monkeypatch):
+    spec = plugins.load()[0].get("mask_source", "file")
+    small = np.ascontiguousarray(ctx.labels[::2, ::2])
+    mask = _mask_file(ctx, "small.png", small, "P")
+    with pytest.raises(G4SegError, match="mask_source.resize=true"):
+        spec.build({}).load(Path("img.png"), mask, CLASSES, (H, W))
+    resized = spec.build({"resize": True}).load(Path("img.png"), mask, CLASSES, (H, W))
+    assert resized.probs.shape == (3, H, W) and np.isin(resized.probs, (0, 1)).all()  # nearest: labels stay labels
+    assert np.array_equal(resized.probs, one_hot(small.repeat(2, 0).repeat(2, 1)))  # nearest, x2: each pixel twice
+
+
+def _sclip(ctx, seed=None, **options):
+    if seed is not None:
+        torch.manual_seed(seed)
+    base = {"model": ctx.clip_options["model"], "pretrained": ctx.clip_options["pretrained"], "templates": "single"}
+    source = plugins.load()[0].get("mask_source", "sclip").build({**base, **options}, Runtime())
+    image = ctx.folder / "sclip.png"
+    if not image.exists():
+        Image.fromarray(ctx.image).save(image)
+    return source.load(image, None, CLASSES, (H, W))
+
+
+def sclip_differs(ctx, **options):
+    changed, default = _sclip(ctx, **options), _sclip(ctx)
+    assert changed.probs.shape == default.probs.shape == (3, H, W)
+    assert not np.allclose(changed.probs, default.probs)
+    return changed, default
+
+
+def sclip_model(ctx, monkeypatch):
+    same = _sclip(ctx, seed=0, pretrained="none")
+    assert np.array_equal(same.probs, _sclip(ctx, seed=0, pretrained="none").probs)
+    assert not np.allclose(same.probs, _sclip(ctx, seed=0, pretrained="none", model=_patch16_config(ctx)).probs)
+
+
+def sclip_pretrained(ctx, monkeypatch):
+    sclip_differs(ctx, pretrained="none")
+
+
+def sclip_cache_dir(ctx, monkeypatch):
+    """Local files: a cache folder changes nothing."""
+    assert np.array_equal(_sclip(ctx, cache_dir=str(ctx.folder / "sclip-cache")).probs, _sclip(ctx).probs)
+
+
+def sclip_preset(ctx, monkeypatch):
+    none, voc = sclip_differs(ctx, preset="none")  # auto picks voc21 for these VOC classes
+    assert (voc.merge.prob_thd, voc.merge.area_thd) == (0.1, 0.1)
+    assert (none.merge.prob_thd, none.merge.area_thd) == (0.1, None)
+
+
+def sclip_background(ctx, monkeypatch):
+    sky, default = _sclip(ctx, background="sky, wall"), _sclip(ctx)
+    assert not np.allclose(sky.background, default.background)
+    assert _sclip(ctx, background=[]).background is None
+
+
+def sclip_templates(ctx, monkeypatch):
+    assert not np.allclose(_sclip(ctx, templates="imagenet").probs, _sclip(ctx).probs)
+
+
+def sclip_logit_scale(ctx, monkeypatch):
+    sclip_differs(ctx, logit_scale=5.0)
+
+
+def sclip_prob_thd(ctx, monkeypatch):
+    changed = _sclip(ctx, prob_thd=0.4)
+    assert changed.merge.prob_thd == 0.4 and _sclip(ctx).merge.prob_thd == 0.1
+    assert np.array_equal(changed.probs, _sclip(ctx).probs)
+
+
+def sclip_area_thd(ctx, monkeypatch):
+    changed = _sclip(ctx, area_thd=0.3)
+    assert changed.merge.area_thd == 0.3 and _sclip(ctx).merge.area_thd == 0.1
+
+
+def sclip_short_side(ctx, monkeypatch):
+    sclip_differs(ctx, short_side=64)
+
+
+def sclip_stride(ctx, monkeypatch):
+    sclip_differs(ctx, stride=8)
+
+
+def sclip_window(ctx, monkeypatch):
+    sclip_differs(ctx, window=16)
+
+
+OPTION_ROWS = {
+    **{f"backbone:{name}.{option}": partial(check, name) for name in BACKBONES
+       for option, check in (("model", bb_model), ("revision", bb_revision), ("vae", bb_vae))},
+    "backbone:lcm.guidance_scale": lcm_guidance_scale,
+    "injector:attn.rule": attn_rule, "injector:attn.w_cross": attn_w_cross, "injector:attn.w_self": attn_w_self,
+    "injector:attn.alpha": attn_alpha, "injector:attn.strength": attn_strength,
+    "injector:attn.time_weight": attn_time_weight, "injector:attn.cross": attn_cross,
+    "injector:attn.self_attn": attn_self_attn, "injector:attn.resolutions": attn_resolutions,
+    "extractor:clip.model": clip_model, "extractor:clip.pretrained": clip_pretrained,
+    "extractor:clip.cache_dir": clip_cache_dir, "extractor:clip.recipe": clip_recipe,
+    "extractor:clip.geometry": clip_geometry, "extractor:clip.short_side": clip_short_side,
+    "extractor:clip.stride": clip_stride, "extractor:clip.input_size": clip_input_size,
+    "mask_source:file.mode": file_mode, "mask_source:file.resize": file_resize,
+    "mask_source:sclip.model": sclip_model, "mask_source:sclip.pretrained": sclip_pretrained,
+    "mask_source:sclip.cache_dir": sclip_cache_dir, "mask_source:sclip.preset": sclip_preset,
+    "mask_source:sclip.background": sclip_background, "mask_source:sclip.templates": sclip_templates,
+    "mask_source:sclip.logit_scale": sclip_logit_scale, "mask_source:sclip.prob_thd": sclip_prob_thd,
+    "mask_source:sclip.area_thd": sclip_area_thd, "mask_source:sclip.short_side": sclip_short_side,
+    "mask_source:sclip.stride": sclip_stride, "mask_source:sclip.window": sclip_window,
+}
+
+
+def test_every_setting_has_a_row():
+    """A new RefineConfig field or built-in component option must come with a row here."""
+    assert set(CONFIG_ROWS) == set(RefineConfig.model_fields)
+    builtin = {module.rsplit(".", 1)[1] for module in plugins.BUILTIN_MODULES}
+    expected = {f"{spec.kind}:{spec.name}.{option}" for spec in plugins.load()[0].all()
+                if spec.plugin in builtin and spec.kind != "dataset" for option in spec.options.model_fields}
+    assert set(OPTION_ROWS) == expected
+
+
+@pytest.mark.parametrize("name", list(CONFIG_ROWS))
+def test_config_setting_reaches_its_effect(ctx, monkeypatch, name):
+    CONFIG_ROWS[name](ctx, monkeypatch)
+
+
+@pytest.mark.parametrize("name", list(OPTION_ROWS))
+def test_component_option_reaches_its_effect(ctx, monkeypatch, name):
+    OPTION_ROWS[name](ctx, monkeypatch)
+
+
+# ===== item 2: semantics ===============================================================================
+
+def test_injection_binds_each_class_region_and_tokens(ctx, tiny_sd_dir):
+    """Per layer and batch entry b: the pixels bound are class b's region of the input label map (nearest to the
+    model input, then to the layer's grid) and the tokens bound are the class name's tokens in its prompt."""
+    from transformers import CLIPTokenizer
+
+    run = ctx.run()
+    tokenizer = CLIPTokenizer.from_pretrained(Path(tiny_sd_dir) / "tokenizer")
+    tokens = [token_positions(tokenizer, f"a photo of {name}", name) for name in CLASSES]
+    assert tokens == [[4, 5], [4], [4]]
+    layers = run.refiner.backbone.attention_layers((SIZE // 8, SIZE // 8))
+    assert len(run.rec["attend"]) == len(layers)  # every attention layer ran the injected processor
+    assert sorted((r["kind"], r["grid"]) for r in run.rec["attend"]) == sorted((la.kind, la.grid) for la in layers)
+    for record in run.rec["attend"]:
+        expected = grid_masks(ctx.labels, record["grid"])
+        assert record["pixels"].shape == expected.shape
+        assert np.array_equal(record["pixels"].numpy(), expected), (record["kind"], record["grid"])
+        assert record["tokens"] == tokens
+    finest = grid_masks(ctx.labels, (8, 8))
+    assert finest.any(1).all() and len({row.tobytes() for row in finest}) == 3  # three distinct, non-empty regions
+
+
+def test_correspondence_is_the_eq8_argmax_of_the_extractor_features(ctx):
+    run = ctx.run()
+    (original_in, original_out), (generated_in, generated_out) = run.rec["extract"]
+    assert torch.equal(original_in, resized_input(ctx.image))
+    for i, name in enumerate(CLASSES):
+        assert np.array_equal((generated_in[i].permute(1, 2, 0).numpy() * 255).round(), run.result.generated[name])
+    extractor = run.refiner.extractor
+    original = extractor(resized_input(ctx.image))[0].numpy()
+    generated = extractor(generated_in).numpy()
+    c, h, w = original.shape
+    assert np.allclose(original, original_out[0].numpy()) and (h, w) == (6, 6)
+    for i, name in enumerate(CLASSES):
+        similarity = generated[i].reshape(c, -1).T @ original.reshape(c, -1)  # (generated cell, original cell)
+        expected = similarity.argmax(1).reshape(h, w)
+        assert np.array_equal(run.result.correspondence[name], expected), name
+    assert any(m.any() for m in run.result.correspondence.values())  # not all matched to cell 0
+
+
+def test_generated_image_is_the_one_step_prediction(ctx):
+    """seed, prompt and timestep recomputed independently (injector none): noise from the seed, z_t from
+    alpha_bar[t], one UNet call on the prompt, Eq. 2, decode."""
+    for seed, prompt, t in ((0, "a photo of {}", 400), (7, "{} in a picture", 700)):
+        run = ctx.run(injector="none", seed=seed, prompt=prompt, timestep=t)
+        bb = run.refiner.backbone
+        with torch.inference_mode():
+            z0 = bb.encode(resized_input(ctx.image))
+            a = bb.alphas_cumprod[t]
+            eps = torch.randn(tuple(z0.shape), generator=torch.Generator().manual_seed(seed))
+            z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
+            hidden = bb.encode_prompts([prompt.format("cat")], (SIZE, SIZE)).encoder_hidden_states
+            out = bb.unet(z_t, t, encoder_hidden_states=hidden).sample
+            x0 = (z_t - (1 - a).sqrt() * out) / a.sqrt()
+            expected = (bb.decode(x0)[0].permute(1, 2, 0).numpy() * 255).round()
+        assert np.abs(run.gen("cat") - expected).max() <= 1, (seed, prompt, t)
+
+
+# ----- post-processor, CLI ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cli_files(ctx):
+    folder = ctx.folder / "cli"
+    folder.mkdir()
+    Image.fromarray(ctx.image).save(folder / "img.png")
+    mask = Image.fromarray(ctx.labels, mode="P")
+    mask.putpalette(voc_palette())
+    mask.save(folder / "mask.png")
+    return folder
+
+
+def _refine_cli(cli_files, config_file, out, *args):
+    result = cli.invoke(plugins_app(), ["refine", str(cli_files / "img.png"), "--classes", ",".join(CLASSES),
+                                        "--out", str(out), "--config", str(config_file), "--no-progress", *args])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def plugins_app():
+    from g4seg.cli import app
+
+    return app
+
+
+def test_cli_postprocessor_is_applied(ctx, cli_files, config_file):
+    mask = ["--mask", str(cli_files / "mask.png")]
+    plain = _refine_cli(cli_files, config_file, ctx.folder / "out-plain", *mask)
+    POST_CALLS.clear()
+    flipped = _refine_cli(cli_files, config_file, ctx.folder / "out-flip", *mask, "--postprocessor", "wiring-flip")
+    assert len(POST_CALLS) == 1 and np.array_equal(POST_CALLS[0], ctx.image)
+    reference = Refiner.from_config(RefineConfig(**_toml(config_file))).refine(ctx.image, ctx.hard, CLASSES).probs
+    assert np.array_equal(np.load(plain / "img.npz")["probs"], reference.astype(np.float16))
+    assert np.array_equal(np.load(flipped / "img.npz")["probs"], (1 - reference).astype(np.float16))
+    assert np.array_equal(np.asarray(Image.open(flipped / "img.png")), ref_threshold(1 - reference, 0.5))
+    assert json.loads((flipped / "config.json").read_text())["config"]["postprocessor"] == "wiring-flip"
+
+
+def _toml(path):
+    import tomllib
+
+    return tomllib.loads(Path(path).read_text())
+
+
+def test_cli_mask_source_file_and_sclip(ctx, cli_files, config_file):
+    """file: the coarse labels are the mask file's; sclip: SCLIP's labels of the image (its own merge rule)."""
+    from_file = _refine_cli(cli_files, config_file, ctx.folder / "out-file", "--mask", str(cli_files / "mask.png"),
+                            "--save-coarse")
+    clip = ctx.clip_options
+    from_sclip = _refine_cli(cli_files, config_file, ctx.folder / "out-sclip", "--mask-source", "sclip",
+                             "--save-coarse", "-o", f"mask_source.model={clip['model']}",
+                             "-o", f"mask_source.pretrained={clip['pretrained']}", "-o", "mask_source.templates=single")
+    assert np.array_equal(np.asarray(Image.open(from_file / "coarse" / "img.png")), ctx.labels)
+    coarse = plugins.load()[0].get("mask_source", "sclip").build(
+        {"model": clip["model"], "pretrained": clip["pretrained"], "templates": "single"}, Runtime()).load(
+        cli_files / "img.png", None, CLASSES, (H, W))
+    expected = coarse.merge.labels(coarse.probs, coarse.background)
+    got = np.asarray(Image.open(from_sclip / "coarse" / "img.png"))
+    assert np.array_equal(got, expected) and not np.array_equal(got, ctx.labels)
+
+
+# ----- unsupported pairs ----------------------------------------------------------------------------
+
+def test_unsupported_pair_is_refused_before_loading(ctx, cli_files, config_file):
+    PLAIN_BUILDS.clear()
+    with pytest.raises(G4SegError) as info:
+        Refiner.from_config(ctx.config(backbone="wiring-plain"))
+    message = str(info.value)
+    assert "\n" not in message and "unet-attention" in message and "wiring-plain" in message
+    result = cli.invoke(plugins_app(), ["refine", str(cli_files / "img.png"), "--mask", str(cli_files / "mask.png"),
+                                        "--classes", ",".join(CLASSES), "--out", str(ctx.folder / "out-plain-pair"),
+                                        "--config", str(config_file), "--backbone", "wiring-plain", "--no-progress"])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("g4seg: error: ") and "unet-attention" in lines[0]
+    assert PLAIN_BUILDS == []
+    assert not (ctx.folder / "out-plain-pair").exists()
+
+
+# ----- offline ----------------------------------------------------------------------------------------
+
+OFFLINE_SCRIPT = """
+import json, os, sys
+names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+first_import = {}  # the offline variables at the moment each Hub library is first imported
+
+
+class Spy:
+    def find_spec(self, name, path=None, target=None):
+        if name in ("huggingface_hub", "transformers", "diffusers") and name not in first_import:
+            first_import[name] = {n: os.environ.get(n) for n in names}
+
+
+sys.meta_path.insert(0, Spy())
+from g4seg.cli import main
+code = None
+try:
+    main()
+except SystemExit as exc:
+    code = exc.code
+from huggingface_hub import constants
+print(json.dumps({"code": code, "env": {n: os.environ.get(n) for n in names}, "hub": constants.HF_HUB_OFFLINE,
+                  "first_import": first_import}))
+"""
+
+
+def test_offline_flag_in_a_clean_process(cli_files, tmp_path):
+    """--offline with the Hub's variables unset and the Hub a closed port: the offline message (the cache only,
+    no Hub probe), and the flag set the variables before huggingface_hub was imported."""
+    env = {k: v for k, v in os.environ.items() if k not in OFFLINE_VARIABLES}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
+    proc = subprocess.run(
+        [sys.executable, "-c", OFFLINE_SCRIPT, "refine", str(cli_files / "img.png"), "--mask",
+         str(cli_files / "mask.png"), "--classes", ",".join(CLASSES), "--out", str(tmp_path / "out"), "--offline",
+         "--device", "cpu", "--no-progress", "-o", "backbone.model=g4seg-tests/wiring-not-cached"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("g4seg: error:")]
+    assert report["code"] == 1 and len(errors) == 1, proc.stderr
+    assert errors[0] == ("g4seg: error: model 'g4seg-tests/wiring-not-cached' could not be loaded (not in the local "
+                         "Hub cache and the Hub is unreachable/offline): download it once while online, or pass "
+                         "-o backbone.model=local-dir:/path/to/folder")
+    assert "127.0.0.1" not in proc.stderr  # never asked the Hub
+    assert report["env"] == dict.fromkeys(OFFLINE_VARIABLES, "1") and report["hub"] is True
+    assert "huggingface_hub" in report["first_import"]
+    assert all(env == dict.fromkeys(OFFLINE_VARIABLES, "1") for env in report["first_import"].values()), report
+
+
+def test_resolve_runtime_offline_sets_the_variables(monkeypatch):
+    from g4seg.runtime import resolve_runtime
+
+    for name in OFFLINE_VARIABLES:
+        monkeypatch.setenv(name, "")
+    assert resolve_runtime("cpu").offline is False and all(os.environ[n] == "" for n in OFFLINE_VARIABLES)
+    assert resolve_runtime("cpu", offline=True).offline is True
+    assert all(os.environ[n] == "1" for n in OFFLINE_VARIABLES)
