@@ -231,3 +231,259 @@ def test_two_by_two_grid_with_tiny_models_through_the_cli(tiny_sd_dir, tmp_path,
     again = CliRunner().invoke(app, ["ablate", "--grid", str(grid), "--out", str(out), "--no-progress"])
     assert again.exit_code == 0, again.output
     assert {p: len(read_entries(p.parent)) for p in out.glob("cells/*/manifest.jsonl")} == lines
+
+
+# --- wiring: dry run, shared models, failing cells, the report's numbers, the plots' series -----------------
+
+VOC_CLASSES = 21
+
+
+class ShiftRefiner(fx.FakeRefiner):
+    """Moves every class's probabilities ``shift`` pixels right: a known, config-dependent change."""
+
+    def __init__(self, shift: int) -> None:
+        super().__init__()
+        self.shift = shift
+
+    def refine(self, image, probs, classes, *, background=None, ignore=None, source_rule=None,
+               return_generated=False):
+        result = super().refine(image, probs, classes, background=background, ignore=ignore)
+        refined = np.roll(probs.astype(np.float32), self.shift, axis=2)
+        result.probs[...] = refined
+        result.labels[...] = fx.masks.MergeRule().labels(refined, None, ignore)
+        return result
+
+
+def voc_areas(pred: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    valid = label != 255
+    inter = np.array([((pred == c) & (label == c) & valid).sum() for c in range(VOC_CLASSES)], float)
+    union = np.array([(((pred == c) | (label == c)) & valid).sum() for c in range(VOC_CLASSES)], float)
+    return inter, union
+
+
+def voc_scores(pred_dir: Path, voc: Path) -> tuple[list[float | None], dict[str, float]]:
+    """Per-class IoU over the split (None where no pixel of the class) and each image's own mean IoU."""
+    total_i, total_u, per_image = np.zeros(VOC_CLASSES), np.zeros(VOC_CLASSES), {}
+    for id in IDS:
+        pred = np.asarray(Image.open(pred_dir / f"{id}.png"))
+        label = np.asarray(Image.open(voc / "SegmentationClass" / f"{id}.png"))
+        inter, union = voc_areas(pred, label)
+        total_i, total_u = total_i + inter, total_u + union
+        per_image[id] = float(100 * (inter[union > 0] / union[union > 0]).mean())
+    per_class = [float(100 * i / u) if u else None for i, u in zip(total_i, total_u)]
+    return per_class, per_image
+
+
+def gain_bins(refined: dict[str, float], coarse: dict[str, float]) -> list[tuple[str, int, float | None]]:
+    """Table VII's strata [0, 40), [40, 80), [80, 100], written out here independently."""
+    bins = [("0-40", 0, 40), ("40-80", 40, 80), ("80-100", 80, 101)]
+    out = []
+    for name, low, high in bins:
+        gains = [refined[i] - coarse[i] for i in IDS if low <= coarse[i] < high]
+        out.append((name, len(gains), float(np.mean(gains)) if gains else None))
+    return out
+
+
+def counting_registry(builds: list[tuple[str, str]], broken: set[str] = frozenset()):
+    """The fakes, with every backbone/injector/extractor factory replaced by one that records its builds."""
+    import dataclasses
+
+    from g4seg.registry import Registry
+
+    def factory(kind, name):
+        def build(options, runtime):
+            if name in broken:
+                raise G4SegError(f"cannot load {kind} '{name}': weights not found")
+            builds.append((kind, name))
+            return f"{kind}:{name}"
+        return build
+
+    reg = Registry()
+    for spec in fx.fake_registry().all():
+        if spec.kind in ("backbone", "injector", "extractor"):
+            spec = dataclasses.replace(spec, factory=factory(spec.kind, spec.name))
+        reg.add(spec)
+    for name in ("fake-bb2", "broken-bb"):
+        reg.add(ComponentSpec(kind="backbone", name=name, factory=factory("backbone", name),
+                              tags=frozenset({"unet-attention"})))
+    return reg
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Models built by name through the ablation's own cache, every build recorded; the refiner is a fake."""
+    builds: list[tuple[str, str]] = []
+    parts: list[tuple] = []
+    reg = counting_registry(builds, broken={"broken-bb"})
+    monkeypatch.setattr(plugins, "load", lambda: (reg, plugins.LoadReport()))
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+    def refiner(config, backbone, injector, extractor, postprocessor):
+        parts.append((config.timestep, backbone, injector, extractor))
+        return fx.FakeRefiner()
+
+    import g4seg.refiner
+
+    monkeypatch.setattr(g4seg.refiner, "Refiner", refiner)
+    return builds, parts
+
+
+def test_dry_run_lists_cells_and_runs_nothing(fakes, tmp_path, monkeypatch):
+    from g4seg.cli import app
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("--dry-run must not run or build anything")
+
+    monkeypatch.setattr(ablation, "run_ablation", forbidden)
+    monkeypatch.setattr(ablation._ComponentCache, "refiner", forbidden)
+    monkeypatch.setattr(ablation, "run", forbidden)
+    from rich.console import Console
+
+    import g4seg.cli.ablate as ablate_cli
+
+    monkeypatch.setattr(ablate_cli, "console", Console(width=400, highlight=False, soft_wrap=True))
+    voc, coarse = make_voc(tmp_path)
+    grid = write_grid(tmp_path / "g.toml", voc, coarse, 'device = "cpu"',
+                      'backbones = ["sd15", "sd15-plain"]\ninjectors = ["attn", "none"]\ntimesteps = [200, 400]')
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["ablate", "--grid", str(grid), "--out", str(out), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "6 of 8 cells to run" in text
+    for cell in ablation.plan_cells(ablation.load_grid(grid)):
+        assert cell.id in result.output
+    assert text.count("skipped") == 2 and text.count("to run") == 1 + 6 and "unet-attention" in text
+    assert not out.exists(), "a dry run writes nothing"
+
+
+def test_cells_differing_in_t_beta_cf_share_models_and_a_new_backbone_loads_only_itself(counted, tmp_path):
+    builds, parts = counted
+    voc, coarse = make_voc(tmp_path)
+    grid = write_grid(tmp_path / "g.toml", voc, coarse, FAKE_BASE,
+                      'backbones = ["fake-bb", "fake-bb2"]\ntimesteps = [200, 400]\nbetas = [0.8, 0.9]\n'
+                      "cf = [[0.2, 0.6], [0.1, 0.7]]")
+    report = ablation.run_ablation(grid, tmp_path / "out", progress=False)
+    assert [r.status for r in report.results] == ["done"] * 16
+    assert builds == [("backbone", "fake-bb"), ("injector", "attn"), ("extractor", "fake-ext"),
+                      ("backbone", "fake-bb2")]
+    assert len(parts) == 16  # one refiner per cell, each given the shared models
+    assert {p[1] for p in parts[:8]} == {"backbone:fake-bb"} and {p[1] for p in parts[8:]} == {"backbone:fake-bb2"}
+    assert {p[2:] for p in parts} == {("injector:attn", "extractor:fake-ext")}
+
+
+def test_component_cache_rebuilds_only_the_kind_whose_name_or_options_change(counted):
+    builds, _ = counted
+    cache = ablation._ComponentCache()
+    base = fx.make_config(injector="attn")
+    for config in (base, base.model_copy(update={"timestep": 100, "beta": 0.9, "cf": (0.1, 0.7)}),
+                   fx.make_config(injector="attn", options={"injector": {"w_self": 0.5}}),
+                   fx.make_config(injector="none", options={"injector": {}}), fx.make_config(injector="none")):
+        cache.refiner(config)
+    assert builds == [("backbone", "fake-bb"), ("injector", "attn"), ("extractor", "fake-ext"),
+                      ("injector", "attn"), ("injector", "none")]
+
+
+def test_a_cell_whose_models_fail_to_load_is_reported_and_the_others_are_scored(counted, tmp_path):
+    from g4seg.cli import app
+
+    voc, coarse = make_voc(tmp_path)
+    grid = write_grid(tmp_path / "g.toml", voc, coarse, FAKE_BASE,
+                      'backbones = ["broken-bb", "fake-bb"]\ntimesteps = [200, 400]')
+    lines = []
+    report = ablation.run_ablation(grid, tmp_path / "out", progress=False, log=lines.append)
+    assert [(r.cell.backbone.name, r.status) for r in report.results] == [
+        ("broken-bb", "error"), ("broken-bb", "error"), ("fake-bb", "done"), ("fake-bb", "done")]
+    for r in report.results[:2]:
+        assert r.note == "cannot load backbone 'broken-bb': weights not found" and r.miou is None
+        assert any(line == f"cell {r.cell.id}: error: {r.note}" for line in lines)
+    coarse_miou = voc_miou(coarse, voc)
+    assert all(r.miou == pytest.approx(coarse_miou) for r in report.results[2:])
+    assert report.written
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [(c["status"], c["note"]) for c in data["cells"][:2]] == [("error", report.results[0].note)] * 2
+    markdown = (tmp_path / "out" / "results.md").read_text()
+    assert "## Not scored" in markdown and f"- {report.results[0].cell.id}: cannot load backbone" in markdown
+    with pytest.raises(G4SegError, match="broken-bb"):
+        ablation.run_ablation(grid, tmp_path / "out2", progress=False, fail_fast=True)
+    result = CliRunner().invoke(app, ["ablate", "--grid", str(grid), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert result.exit_code == 1 and "weights not found" in result.output
+
+
+def _shift_grid(tmp_path: Path):
+    """Two images, the second's coarse mask exact; cells whose refiner shifts the masks by t/100 (+1 at beta .9)."""
+    voc, coarse = make_voc(tmp_path)
+    exact = np.asarray(Image.open(voc / "SegmentationClass" / f"{IDS[1]}.png")).copy()
+    exact[exact == 255] = 0
+    save_label_png(coarse / f"{IDS[1]}.png", exact)
+    grid = write_grid(tmp_path / "g.toml", voc, coarse, FAKE_BASE, "timesteps = [400, 200]\nbetas = [0.8, 0.9]")
+    report = ablation.run_ablation(
+        grid, tmp_path / "out", progress=False,
+        build_refiner=lambda c: ShiftRefiner(c.timestep // 100 + (c.beta > 0.85)))
+    return voc, coarse, report
+
+
+def test_results_json_holds_per_class_iou_and_gain_bins_computed_independently(fakes, tmp_path):
+    voc, coarse, report = _shift_grid(tmp_path)
+    out = tmp_path / "out"
+    data = json.loads((out / "results.json").read_text())
+    coarse_class, coarse_image = voc_scores(coarse, voc)
+    assert data["coarse"]["miou"] == round(float(np.mean([v for v in coarse_class if v is not None])), 2)
+    assert [c["cell"] for c in data["cells"]] == [r.cell.id for r in report.results]
+    mious = set()
+    for cell in data["cells"]:
+        assert cell["status"] == "done"
+        per_class, per_image = voc_scores(out / "cells" / cell["cell"], voc)
+        got = list(cell["per_class"].values())
+        assert len(got) == VOC_CLASSES and list(cell["per_class"])[0] == "background"
+        assert [v is None for v in got] == [v is None for v in per_class]
+        assert [v for v in got if v is not None] == pytest.approx([v for v in per_class if v is not None])
+        miou = float(np.mean([v for v in per_class if v is not None]))
+        assert cell["miou"] == round(miou, 2)
+        assert cell["gain"] == pytest.approx(miou - float(np.mean([v for v in coarse_class if v is not None])),
+                                             abs=0.006)
+        bins = [(b["range"], b["count"]) for b in cell["gain_bins"]]
+        expected = gain_bins(per_image, coarse_image)
+        assert bins == [(name, count) for name, count, _ in expected] == [("0-40", 0), ("40-80", 1), ("80-100", 1)]
+        for got_bin, (_, _, mean_gain) in zip(cell["gain_bins"], expected):
+            assert got_bin["mean_gain"] == (None if mean_gain is None else pytest.approx(mean_gain))
+        assert cell["gain_bins"][2]["mean_gain"] < 0  # the exact mask can only get worse when shifted
+        mious.add(cell["miou"])
+    assert len(mious) == 4, "each cell's shift differs, so each cell's score must"
+
+
+def test_plots_hold_the_expected_series(fakes, tmp_path, monkeypatch):
+    figures = {}
+    real = ablation._savefig
+
+    def capture(figure, path):
+        figures[Path(path).name] = figure
+        real(figure, path)
+
+    monkeypatch.setattr(ablation, "_savefig", capture)
+    voc, coarse, report = _shift_grid(tmp_path)
+    assert sorted(figures) == ["gain_per_cell.png", "miou_vs_timestep.png"]
+    assert (tmp_path / "out" / "plots" / "gain_per_cell.png").is_file()
+    out = tmp_path / "out"
+    score = {r.cell.id: voc_miou(out / "cells" / r.cell.id, voc) for r in report.results}
+
+    (ax,) = figures["miou_vs_timestep.png"].axes
+    series = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+    assert set(series) == {"beta=0.8", "beta=0.9", "coarse"}
+    for beta in ("0.8", "0.9"):
+        xs, ys = series[f"beta={beta}"]
+        assert xs == [200, 400]  # sorted by timestep although the grid lists 400 first
+        ids = [f"fake-bb_attn_fake-ext_t{t}_b{beta}_cf0.2-0.6" for t in xs]
+        assert ys == pytest.approx([score[i] for i in ids])
+    assert list(series["coarse"][1]) == pytest.approx([voc_miou(coarse, voc)] * 2)
+
+    (ax,) = figures["gain_per_cell.png"].axes
+    bars = ax.patches
+    assert [t.get_text() for t in ax.get_yticklabels()] == [r.cell.id for r in report.results]
+    assert [b.get_width() for b in bars] == pytest.approx([r.gain for r in report.results])
+    assert [b.get_width() for b in bars] == pytest.approx([score[r.cell.id] - voc_miou(coarse, voc)
+                                                            for r in report.results])
+    from matplotlib.colors import to_rgba
+
+    assert [b.get_facecolor() for b in bars] == [to_rgba("tab:green" if r.gain >= 0 else "tab:red")
+                                                 for r in report.results]

@@ -1,0 +1,287 @@
+"""Mutation testing for g4seg's method and run-loop modules, on a copy of the working tree.
+
+    python tools/mutate.py [MODULE ...] [--tests FILE ...] [--max-children 2] [--seconds S] [--dest DIR]
+
+Drives mutmut 3 (``pip install -e '.[mutation]'``, or ``pip install --target DIR mutmut`` and pass
+``--mutmut-lib DIR``). The repository is never touched: the files git knows about (tracked, plus
+untracked files that are not ignored) are copied to ``DEST/tree``, the ``[tool.mutmut]`` settings are
+written into the copy's pyproject.toml, and mutmut runs there (it mutates a further copy,
+``DEST/tree/mutants/``, and puts it first on ``sys.path``). Each module is run on its own, in the order
+given, so a ``--seconds`` budget that runs out still leaves complete results for the modules before it.
+At the end every surviving mutant is printed as ``file:line: original -> mutant`` and the score per
+module; ``DEST/summary.json`` holds the same. See docs/testing.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# module -> the test files that exercise it (mutmut then runs, per mutant, only the tests that reach
+# the mutated function). Ordered by priority: the method first, then the run loop.
+TESTS = {
+    "g4seg/masks.py": ["test_masks", "test_identity", "test_runner"],
+    "g4seg/correspondence.py": ["test_correspondence", "test_refiner"],
+    "g4seg/diffusion_math.py": ["test_diffusion_math", "test_refiner"],
+    "g4seg/metrics.py": ["test_metrics", "test_eval_cli"],
+    "g4seg/refiner.py": ["test_refiner", "test_identity", "test_input_checks"],
+    "g4seg/manifest.py": ["test_runner", "test_run_safety"],
+    "g4seg/config.py": ["test_config", "test_masks", "test_runner"],
+    "g4seg/runner.py": ["test_runner", "test_run_safety", "test_sharding", "test_input_checks"],
+    "g4seg/ablation.py": ["test_ablation"],
+    "g4seg/fileid.py": ["test_runner", "test_run_safety"],
+    "g4seg/runlock.py": ["test_run_safety"],
+    "g4seg/io.py": ["test_runner", "test_run_safety", "test_datasets"],
+    "g4seg/checks.py": ["test_input_checks"],
+    "g4seg/evaluation.py": ["test_eval_cli", "test_ablation"],
+    "g4seg/sharding.py": ["test_sharding"],
+    "g4seg/builtin/injector_attn.py": ["test_injector_attn", "test_densediffusion_parity"],
+}
+DEFAULT = list(TESTS)[:8]
+ALSO_COPY = ["docs", "examples", "README.md", "plugins", "benchmarks"]
+PROBE = """
+
+# added by tools/mutate.py in its copy only: record which g4seg the tests import
+if __import__("os").environ.get("G4SEG_MUTATE_PROBE"):
+    import g4seg as _g4seg_probe
+
+    with open(__import__("os").environ["G4SEG_MUTATE_PROBE"], "a") as _probe_file:
+        _probe_file.write(_g4seg_probe.__file__ + "\\n")
+"""
+
+
+def _toml_list(values: list[str]) -> str:
+    return "[" + ", ".join(json.dumps(v) for v in values) + "]"
+
+
+def make_copy(dest: Path, modules: list[str], tests: list[str]) -> Path:
+    """A fresh copy of the working tree under ``dest/tree``, configured for mutmut."""
+    tree = dest / "tree"
+    if tree.exists():
+        shutil.rmtree(tree)
+    tree.mkdir(parents=True)
+    files = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                           check=True, capture_output=True).stdout
+    names = [n for n in files.decode().split("\0") if n and (REPO / n).is_file()]
+    for name in names:
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, tree / name)
+    config = (f"\n\n[tool.mutmut]\nsource_paths = [\"g4seg\"]\nonly_mutate = {_toml_list(modules)}\n"
+              f"pytest_add_cli_args_test_selection = {_toml_list(tests)}\n"
+              f"pytest_add_cli_args = [\"-p\", \"no:cacheprovider\", \"-q\"]\n"
+              f"also_copy = {_toml_list(ALSO_COPY)}\n"
+              # mutants are forked from a server that only collected the tests: forking a process that
+              # already ran torch ops (OpenMP pool) can deadlock the child
+              "process_isolation = \"forkserver\"\ntimeout_multiplier = 5.0\n")
+    pyproject = tree / "pyproject.toml"
+    text = re.sub(r"\n\[tool\.mutmut\][^\[]*", "\n", pyproject.read_text())
+    pyproject.write_text(text + config)
+    with (tree / "tests" / "conftest.py").open("a") as conftest:
+        conftest.write(PROBE)
+    return tree
+
+
+def _overlay(lib: Path, overlay: Path) -> str:
+    """The packages of a ``pip install --target`` folder that this interpreter lacks, linked into ``overlay``.
+
+    Subprocesses started by the tests import the mutated g4seg, whose trampolines import mutmut, so
+    mutmut must be on their PYTHONPATH, but the folder's own copies of pytest, pluggy... must not shadow
+    the environment's.
+    """
+    import importlib.util
+
+    if overlay.exists():
+        shutil.rmtree(overlay)
+    overlay.mkdir(parents=True)
+    for entry in lib.iterdir():
+        name = entry.name[:-3] if entry.name.endswith(".py") else entry.name
+        if entry.name in ("bin", "__pycache__") or entry.suffix in (".pth", ".dist-info") or "." in name:
+            continue
+        if name == "mutmut" or importlib.util.find_spec(name) is None:
+            (overlay / entry.name).symlink_to(entry)
+            for info in lib.glob(f"{name}-*.dist-info"):  # mutmut reads its own version from here
+                (overlay / info.name).symlink_to(info)
+    return str(overlay)
+
+
+def _mutmut_cmd(lib: str | None, *args: str) -> list[str]:
+    boot = ("import sys\n" + (f"sys.path.append({lib!r})\n" if lib else "")
+            + "from mutmut.__main__ import cli\nsys.argv[0] = 'mutmut'\ncli()")
+    return [sys.executable, "-c", boot, *args]
+
+
+def run_module(tree: Path, module: str, lib: str | None, children: int, seconds: float | None, env: dict) -> str:
+    """``mutmut run`` on one module's mutants; returns 'done', 'timeout' or 'error'."""
+    pattern = module[:-3].replace("/", ".") + ".*"
+    proc = subprocess.Popen(_mutmut_cmd(lib, "run", "--max-children", str(children), pattern), cwd=tree, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)  # our own process group: mutmut and its forked children
+        try:
+            proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+        return "timeout"
+    tail = output.decode(errors="replace").replace("\r", "\n").strip().splitlines()[-4:]
+    if proc.returncode != 0:
+        print(f"  mutmut exited {proc.returncode}: " + " | ".join(tail), file=sys.stderr)
+        return "error"
+    return "done"
+
+
+def _function_start(source: str, key: str) -> int | None:
+    """The first line (decorators included) of the function a mutmut key names (``x_f`` or ``xǁClassǁf``)."""
+    name = key.rsplit(".", 1)[-1].split("__mutmut_")[0]
+    parts = name[1:].split("ǁ")  # 'x_f' -> ['_f']; 'xǁCǁf' -> ['', 'C', 'f']
+    target, cls = (parts[-1], parts[1]) if len(parts) == 3 else (parts[0][1:], None)
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ClassDef) and cls is not None and node.name == cls:
+            for item in node.body:
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and item.name == target:
+                    return min([item.lineno] + [d.lineno for d in item.decorator_list])
+        if cls is None and isinstance(node, ast.Module):
+            for item in node.body:
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and item.name == target:
+                    return min([item.lineno] + [d.lineno for d in item.decorator_list])
+    return None
+
+
+def describe(tree: Path, module: str, key: str, lib: str | None) -> tuple[int | None, str, str]:
+    """(line in the original file, original line, mutated line) of one mutant, from mutmut's diff."""
+    proc = subprocess.run(_mutmut_cmd(lib, "show", key), cwd=tree, capture_output=True, text=True)
+    removed, added, first = [], [], None
+    number = 0
+    for line in proc.stdout.splitlines():
+        hunk = re.match(r"@@ -(\d+)", line)
+        if hunk:
+            number = int(hunk.group(1)) - 1
+            continue
+        if line.startswith(("---", "+++", "#")):
+            continue
+        if line.startswith("-"):
+            number += 1
+            removed.append(line[1:].strip())
+            first = first or number
+        elif line.startswith("+"):
+            added.append(line[1:].strip())
+        else:
+            number += 1
+    source = (tree / module).read_text()
+    start = _function_start(source, key)
+    line = start + first - 1 if start and first else None
+    return line, " / ".join(removed) or "?", " / ".join(added) or "(line removed)"
+
+
+def collect(tree: Path, module: str, lib: str | None) -> dict:
+    meta = tree / "mutants" / (module + ".meta")
+    if not meta.exists():
+        return {"module": module, "total": 0, "status": {}, "survivors": []}
+    sys.path.append(lib) if lib and lib not in sys.path else None
+    from mutmut.stats import status_by_exit_code
+
+    codes = json.loads(meta.read_text())["exit_code_by_key"]
+    status: dict[str, int] = {}
+    survivors = []
+    for key, code in codes.items():
+        name = status_by_exit_code[code]
+        status[name] = status.get(name, 0) + 1
+        if name in ("survived", "no tests", "suspicious"):
+            line, before, after = describe(tree, module, key, lib)
+            survivors.append({"key": key, "status": name, "line": line, "original": before, "mutant": after})
+    return {"module": module, "total": len(codes), "status": status, "survivors": survivors}
+
+
+def _score(entry: dict) -> tuple[int, int]:
+    checked = sum(n for s, n in entry["status"].items() if s not in ("not checked", "skipped"))
+    killed = entry["status"].get("killed", 0) + entry["status"].get("timeout", 0)
+    return killed, checked
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("modules", nargs="*", metavar="MODULE",
+                        help=f"files under g4seg/ to mutate (default: {' '.join(DEFAULT)}); 'all' for every mapped one")
+    parser.add_argument("--tests", nargs="+", metavar="FILE", help="test files to run (default: the mapped ones)")
+    parser.add_argument("--max-children", type=int, default=2, help="mutants tested in parallel (forked workers)")
+    parser.add_argument("--seconds", type=float, help="overall time budget; modules not reached are reported")
+    parser.add_argument("--dest", type=Path, default=Path("/tmp/g4seg-mutants"), help="where the copy goes")
+    parser.add_argument("--keep", action="store_true", help="reuse DEST/tree and mutmut's cached results")
+    parser.add_argument("--mutmut-lib", default=os.environ.get("G4SEG_MUTMUT_LIB"),
+                        help="a folder holding mutmut (pip install --target), if it is not installed")
+    args = parser.parse_args(argv)
+
+    modules = list(TESTS) if args.modules == ["all"] else [m if m.startswith("g4seg/") else f"g4seg/{m}"
+                                                           for m in (args.modules or DEFAULT)]
+    modules = [m if m.endswith(".py") else m + ".py" for m in modules]
+    for m in modules:
+        if not (REPO / m).is_file():
+            parser.error(f"no such module: {m}")
+    tests = args.tests or sorted({f"tests/{t}.py" for m in modules for t in TESTS.get(m, [])})
+    if not tests:
+        parser.error("no test files mapped for these modules: pass --tests")
+    dest = args.dest.resolve()
+    if dest == REPO or REPO in dest.parents:
+        parser.error("--dest must be outside the repository")
+    tree = dest / "tree"
+    if not (args.keep and tree.exists()):
+        print(f"copying the working tree to {tree}")
+        make_copy(dest, modules, tests)
+    lib = args.mutmut_lib and _overlay(Path(args.mutmut_lib).resolve(), dest / "pylib")
+    probe = dest / "probe.txt"
+    probe.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree)] + ([lib] if lib else [])),
+           "PYTHONDONTWRITEBYTECODE": "1", "G4SEG_MUTATE_PROBE": str(probe),
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    started = time.monotonic()
+    outcome = {}
+    for module in modules:
+        left = None if args.seconds is None else args.seconds - (time.monotonic() - started)
+        if left is not None and left < 30:
+            outcome[module] = "not reached"
+            continue
+        print(f"mutating {module} ...", flush=True)
+        outcome[module] = run_module(tree, module, lib, args.max_children, left, env)
+
+    imported = sorted(set(probe.read_text().split())) if probe.exists() else []
+    print(f"\ntests imported g4seg from: {', '.join(imported) or '(probe not reached)'}")
+    if any(not p.startswith(str(tree)) for p in imported):
+        print("WARNING: some test run imported g4seg from outside the copy", file=sys.stderr)
+    results = []
+    for module in modules:
+        entry = collect(tree, module, lib)
+        entry["run"] = outcome[module]
+        results.append(entry)
+        for s in entry["survivors"]:
+            print(f"{module}:{s['line'] or '?'}: {s['original']}  ->  {s['mutant']}"
+                  + ("" if s["status"] == "survived" else f"  [{s['status']}]"))
+    print("\nmodule                              killed/checked  score  run")
+    total_killed = total_checked = 0
+    for entry in results:
+        killed, checked = _score(entry)
+        total_killed, total_checked = total_killed + killed, total_checked + checked
+        score = f"{100 * killed / checked:5.1f}%" if checked else "   n/a"
+        print(f"{entry['module']:<36}{killed:>6}/{checked:<8} {score}  {entry['run']}")
+    if total_checked:
+        print(f"{'total':<36}{total_killed:>6}/{total_checked:<8} {100 * total_killed / total_checked:5.1f}%")
+    (dest / "summary.json").write_text(json.dumps({"imported_from": imported, "modules": results}, indent=2) + "\n")
+    print(f"\nwrote {dest / 'summary.json'}; inspect one mutant with: cd {tree} && mutmut show <key>")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
