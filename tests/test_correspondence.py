@@ -1,7 +1,10 @@
 """SCA (Eq. 8), mixing (Eq. 9) and the confidence band on hand-made features and masks."""
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from g4seg import correspondence
 
@@ -76,3 +79,59 @@ def test_non_divisible_sizes_clamp_inside_the_image():
     assert int(source.min()) >= 0 and int(source.max()) < 35
     # the bottom-right pixel maps to itself (cell 3 -> cell 3)
     assert int(source[0, 4, 6]) == 4 * 7 + 6
+
+
+def _reference(probs: np.ndarray, original: np.ndarray, generated: np.ndarray, in_band, mix
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Eq. 8 and Eq. 9 written out cell by cell and pixel by pixel (numpy), independent of the module.
+
+    Pixel (y, x) lies in cell (y h // H, x w // W); it reads the pixel displaced by the matched cell's
+    offset in cells times the cell size, rounded (half to even) and clamped to the image.
+    """
+    k, height, width = probs.shape
+    c, h, w = original.shape
+    orig = original.reshape(c, -1)
+    delta = np.stack([np.argmax(orig.T @ generated[i].reshape(c, -1), axis=0) for i in range(k)])  # (K, h*w)
+    out = probs.copy()
+    for i in range(k):
+        for y in range(height):
+            for x in range(width):
+                cy, cx = y * h // height, x * w // width
+                my, mx = divmod(int(delta[i, cy * w + cx]), w)
+                dy = np.rint(np.float32(my - cy) * np.float32(height / h))
+                dx = np.rint(np.float32(mx - cx) * np.float32(width / w))
+                sy, sx = int(np.clip(y + dy, 0, height - 1)), int(np.clip(x + dx, 0, width - 1))
+                if in_band(probs[i, y, x]) and (sy, sx) != (y, x):
+                    out[i, y, x] = mix(probs[i, y, x], probs[i, sy, sx])
+    return out, delta.reshape(k, h, w)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 5), st.integers(1, 5), st.integers(1, 13), st.integers(1, 13),
+       st.integers(1, 3), st.sampled_from(["float32", "float64", "bfloat16"]))
+def test_refine_is_eq8_and_eq9_on_random_grids_sizes_and_dtypes(seed, h, w, height, width, k, dtype):
+    """Non-square grids and images, sizes that do not divide, matches that point past the edges (clamped),
+    classes with no pixel in the band, and the whole-tensor path (bfloat16) beside the band path."""
+    rng = np.random.default_rng(seed)
+    original = F.normalize(torch.from_numpy(rng.normal(size=(4, h, w))).float(), dim=0)
+    generated = F.normalize(torch.from_numpy(rng.normal(size=(k, 4, h, w))).float(), dim=1)
+    values = rng.choice([0.1, 0.2, 0.35, 0.5, 0.6, 0.75, 0.9], size=(k, height, width))
+    values[rng.random(k) < 0.3] = 0.9  # some classes have no pixel in the band
+    torch_dtype = getattr(torch, dtype)
+    probs = torch.from_numpy(values).to(torch_dtype)
+    beta, band = float(rng.choice([0.3, 0.8])), (0.2, 0.6)
+    refined, delta = correspondence.refine(probs, original, generated, beta, band)
+
+    def mix(own: float, matched: float) -> float:  # Eq. 9 in the tensors' dtype, as scalars
+        own_t, matched_t = torch.tensor(own, dtype=torch_dtype), torch.tensor(matched, dtype=torch_dtype)
+        return float(beta * own_t + (1 - beta) * matched_t)
+
+    def in_band(value: float) -> bool:  # the band's edges are compared in the tensors' dtype, inclusive
+        v = torch.tensor(value, dtype=torch_dtype)
+        return bool((v >= band[0]) & (v <= band[1]))
+
+    expected, expected_delta = _reference(probs.double().numpy(), original.numpy(), generated.numpy(), in_band,
+                                          mix)
+    np.testing.assert_array_equal(delta.numpy(), expected_delta)
+    assert refined.dtype == torch_dtype
+    np.testing.assert_array_equal(refined.double().numpy(), expected)
