@@ -44,6 +44,7 @@ from g4seg.runner import _TEMP_NAME, run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import test_runner as fx  # noqa: E402  (fakes shared with the run-loop tests)
+from test_run_safety import _photos_and_masks  # noqa: E402
 
 fakes = fx.fakes
 N_IMAGES = 5  # img000 .. img004; "middle" is img002
@@ -342,18 +343,6 @@ def test_each_file_is_fsynced_whole_before_its_rename_and_each_manifest_line_bef
 # --- the real thing: SIGKILL of the CLI with tiny models at a random moment of its work --------------------
 
 
-def _photos_and_masks(root: Path, n: int) -> tuple[Path, Path]:
-    imgs, mask_dir = root / "imgs", root / "masks"
-    imgs.mkdir(parents=True), mask_dir.mkdir(parents=True)
-    rng = np.random.default_rng(1)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(imgs / f"im{i:02d}.png")
-        mask = np.zeros((40, 48), np.uint8)
-        mask[6 + i % 5: 32, 9: 36 - i % 7] = 255
-        Image.fromarray(mask).save(mask_dir / f"im{i:02d}.png")
-    return imgs, mask_dir
-
-
 def _lines(path: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
@@ -361,7 +350,7 @@ def _lines(path: Path) -> int:
 @pytest.mark.slow
 def test_sigkill_of_the_real_cli_at_a_random_moment_then_a_rerun_completes_each_image_once(tmp_path, config_file):
     n = 7
-    imgs, mask_dir = _photos_and_masks(tmp_path, n)
+    imgs, mask_dir = _photos_and_masks(tmp_path, n, image_suffix=".png")
     out = tmp_path / "out"
     args = [imgs, "--mask", mask_dir, "--classes", "cat", "--out", out, "--config", config_file, "--no-progress",
             "--save-overlay"]
