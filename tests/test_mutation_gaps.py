@@ -42,3 +42,22 @@ def test_dense_mix_is_eq9_and_agrees_with_the_cpu_path(seed):
     half = correspondence.mix(probs.to(torch.bfloat16), source, 0.8, (0.2, 0.6))
     assert half.dtype == torch.bfloat16
     np.testing.assert_allclose(half.float().numpy(), expected, atol=1e-2)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_merges_agree_on_their_general_path(seed):
+    """``merge_threshold`` / ``merge_argmax`` take a one-map-at-a-time path for float maps and numpy's argmax
+    otherwise (integer scores, NaN): both must give the same labels as the rule written with numpy here."""
+    from g4seg import masks
+
+    rng = np.random.default_rng(seed)
+    k, h, w = int(rng.integers(1, 5)), int(rng.integers(1, 9)), int(rng.integers(1, 9))
+    scores = rng.integers(0, 10, (k + 1, h, w))  # integers: ties happen, first maximum wins
+    for values in (scores, scores.astype(np.float32)):
+        expected_threshold = np.where(values[1:].max(0) < 5, 0, values[1:].argmax(0) + 1)
+        np.testing.assert_array_equal(masks.merge_threshold(values[1:], 5), expected_threshold)
+        np.testing.assert_array_equal(masks.merge_argmax(values[1:], values[0]), values.argmax(0))
+    with_nan = scores.astype(np.float64)
+    with_nan[1, 0, 0] = np.nan  # numpy's argmax picks the first NaN
+    assert masks.merge_argmax(with_nan[1:], with_nan[0])[0, 0] == 1
+    assert masks.merge_threshold(with_nan[1:], 5)[0, 0] == 1
