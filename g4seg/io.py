@@ -66,7 +66,7 @@ def dangling_link(path: Path) -> str | None:
     return None
 
 
-def _open_error(path: Path, what: str, exc: BaseException) -> G4SegError:
+def open_error(path: Path, what: str, exc: BaseException) -> G4SegError:
     """One line for a file PIL could not open or decode."""
     if isinstance(exc, FileNotFoundError):
         return G4SegError(f"{what} {dangling_link(path)}" if dangling_link(path) else f"{what} not found: {path}")
@@ -76,7 +76,7 @@ def _open_error(path: Path, what: str, exc: BaseException) -> G4SegError:
     return G4SegError(f"cannot read {what} {path}: {text}")
 
 
-def _read_errors() -> tuple[type[BaseException], ...]:
+def read_errors() -> tuple[type[BaseException], ...]:
     from PIL import Image, UnidentifiedImageError
 
     return UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError
@@ -95,8 +95,8 @@ def read_image_header(path: Path) -> ImageHeader:
             orientation = Image.Image.getexif(img).get(EXIF_ORIENTATION, 1)  # base class: never decodes
             return ImageHeader((img.height, img.width), int(orientation) if orientation in range(1, 9) else 1,
                                img.mode, img.format)
-    except _read_errors() as exc:
-        raise _open_error(Path(path), "image", exc) from None
+    except read_errors() as exc:
+        raise open_error(Path(path), "image", exc) from None
 
 
 def load_image(path: Path) -> np.ndarray:
@@ -122,8 +122,8 @@ def load_image(path: Path) -> np.ndarray:
             if mode not in SIXTEEN_BIT_MODES:
                 return np.array(img.convert("RGB"))
             values = np.asarray(img)
-    except _read_errors() as exc:
-        raise _open_error(path, "image", exc) from None
+    except read_errors() as exc:
+        raise open_error(path, "image", exc) from None
     if mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
         raise G4SegError(f"image {path} has 32-bit values in [{values.min()}, {values.max()}]; "
                          f"expected 8- or 16-bit pixels (0..65535)")

@@ -32,7 +32,7 @@ Without a background channel, ``sclip`` uses a zero channel in its place (backgr
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 import numpy as np
 
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 IGNORE_LABEL = 255
 MergeMode = Literal["threshold", "argmax-bg", "sclip", "pow"]
-MERGE_MODES: tuple[str, ...] = ("threshold", "argmax-bg", "sclip", "pow")
+MERGE_MODES: tuple[str, ...] = get_args(MergeMode)
 RAMP_CENTRE = 0.5
 
 

@@ -127,7 +127,8 @@ def dataset_items(dataset: Any, coarse: Path) -> list[WorkItem]:
     """One item per id of a dataset split, its coarse mask looked up by id in ``coarse``."""
     if not Path(coarse).is_dir():
         raise G4SegError(f"coarse mask folder not found: {coarse}")
-    return [WorkItem(i, dataset.image_path(i), find_mask(coarse, i)) for i in dataset.ids()]
+    index = mask_index(coarse)  # one folder scan, not one per id
+    return [WorkItem(i, dataset.image_path(i), find_mask(coarse, i, index)) for i in dataset.ids()]
 
 
 @dataclass(frozen=True)

@@ -170,9 +170,9 @@ def _list(values: Sequence[object], limit: int = 8) -> str:
 
 def _image_values(path: Path) -> tuple[np.ndarray, bool]:
     """(H, W) integer values (palette indices, grey levels, or one channel of a grey RGB image), palette?"""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps
 
-    from PIL import ImageOps
+    from g4seg.io import open_error, read_errors
 
     try:
         with Image.open(path) as img:
@@ -180,8 +180,8 @@ def _image_values(path: Path) -> tuple[np.ndarray, bool]:
             img = ImageOps.exif_transpose(img)  # as viewers show it, like the image it belongs to
             mode = img.mode
             array = np.asarray(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise G4SegError(f"cannot read mask {path}: {exc}") from None
+    except read_errors() as exc:
+        raise open_error(path, "mask", exc) from None
     if mode in ("P", "PA", "LA"):
         array = array[..., 0] if array.ndim == 3 else array
     elif mode in ("RGB", "RGBA"):
