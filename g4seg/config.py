@@ -56,6 +56,9 @@ class RefineConfig(BaseModel):
         "prompt", description="class-name token embeddings: from the prompt, or of the name encoded alone "
                               "(DenseDiffusion)")
     class_batch: int = Field(8, ge=1, description="classes per UNet call")
+    generator: Literal["model", "self", "noise"] = Field(
+        "model", description="the image Eq. 8 compares with: the one-step generation (model), or a bias control: "
+                             "the image itself (self) or seeded noise with its per-channel mean and std (noise)")
     device: str = "auto"
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
     offline: bool = False

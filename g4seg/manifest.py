@@ -108,6 +108,10 @@ def latest_entries(out_dir: Path) -> dict[str, Entry]:
     return latest
 
 
+# settings added after run folders existed: left out of the hash at their default, so those folders resume
+ADDED_AT_DEFAULT: dict[str, Any] = {"generator": "model"}
+
+
 def hashed_settings(config: RefineConfig, classes: Sequence[str], dtype: str) -> dict[str, Any]:
     """Every setting that changes the outputs, fully resolved.
 
@@ -120,6 +124,9 @@ def hashed_settings(config: RefineConfig, classes: Sequence[str], dtype: str) ->
     data = config.model_dump(mode="json", exclude=set(UNHASHED | {"options", "dtype", *COMPONENT_KINDS}))
     data["dtype"] = dtype
     data["classes"] = list(classes)
+    for key, default in ADDED_AT_DEFAULT.items():
+        if data.get(key) == default:
+            del data[key]
     for kind in COMPONENT_KINDS:
         name = getattr(config, kind)
         if name is None:

@@ -13,12 +13,17 @@ Two engine settings follow DenseDiffusion where the paper is silent, both off by
 conditional half is injected; x~0 uses the guided prediction), and ``class_embedding = "alone"``
 replaces the class-name token embeddings of the prompt by those of the name encoded on its own
 (DenseDiffusion's ``cond_embeddings[0][j:j+wlen] = cond_embeddings[i][1:1+wlen]``).
+
+``generator`` chooses what Eq. 8 compares the image with: ``model`` (the one-step generation above) or a
+bias control that needs no UNet or VAE call. ``self`` compares the image with itself (what Eq. 9 does
+when every pixel can match itself); ``noise`` with seeded noise of the image's per-channel mean and std
+(what Eq. 9 does when the "generation" carries no information). See docs/evaluation.md.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -38,9 +43,9 @@ class RefineResult:
     """Refined probabilities (K, H, W), the merged label map (H, W) and optional diagnostics.
 
     ``coarse_labels`` is the input label map (what ``labels`` equals with beta = 1). For a hard input
-    ``probs`` are its refined signed-distance ramps. ``generated`` and ``correspondence`` hold entries
-    only for classes that had pixels inside the confidence band (others cannot change, so no
-    generation is run for them).
+    ``probs`` are its refined signed-distance ramps. ``generated`` (the image each class was compared
+    with: its generation, or the control's image) and ``correspondence`` hold entries only for classes
+    that had pixels inside the confidence band (others cannot change, so no generation is run for them).
     """
 
     probs: np.ndarray
@@ -163,17 +168,53 @@ class Refiner:
         bb, cfg, size = self.backbone, self.config, self.resolution
         pixels = F.interpolate(_image_tensor(image), size=(size, size), mode="bilinear", antialias=True,
                                align_corners=False).clamp(0, 1)
+        original_features = self.extractor(pixels.to(bb.device))[0].float().cpu()
+        compared = self._compared(pixels, original_features, coarse, classes)
+        for start in range(0, len(active), cfg.class_batch):
+            chunk = active[start:start + cfg.class_batch]
+            images, gen_features = compared(chunk)
+            new, delta = correspondence.refine(refined[chunk], original_features, gen_features, cfg.beta, cfg.cf)
+            refined[chunk] = new
+            for i, k in enumerate(chunk):
+                generated[classes[k]] = (images[i].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+                matches[classes[k]] = delta[i].numpy()
+
+    def _compared(self, pixels: torch.Tensor, original_features: torch.Tensor, coarse: torch.Tensor,
+                  classes: list[str]) -> Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]:
+        """What Eq. 8 compares a batch of classes with, by ``generator``: a function of the class indices
+        giving the images (B, 3, S, S) and their features. A control is one image for every class, made and
+        extracted once, without any UNet or VAE call."""
+        cfg, device = self.config, self.backbone.device
+        if cfg.generator == "model":
+            generate = self._one_step(pixels, coarse, classes)
+
+            def one_step(chunk: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+                images = generate(chunk)
+                return images, self.extractor(images).float().cpu()
+
+            return one_step
+        if cfg.generator == "self":  # the original's own features: every pixel can match itself exactly
+            image, features = pixels.to(device), original_features[None]
+        else:
+            image = noise_image(pixels, cfg.seed).to(device)
+            features = self.extractor(image).float().cpu()
+        return lambda chunk: (image.expand(len(chunk), -1, -1, -1), features.expand(len(chunk), -1, -1, -1))
+
+    def _one_step(self, pixels: torch.Tensor, coarse: torch.Tensor,
+                  classes: list[str]) -> Callable[[list[int]], torch.Tensor]:
+        """The paper's generation: noise the image once to t_s; the returned function runs, for a batch of
+        class indices, one mask-injected UNet step, x~0 (Eq. 2) and the decoder."""
+        bb, cfg, size = self.backbone, self.config, self.resolution
         z0 = bb.encode(pixels.to(bb.device, bb.dtype))
         alpha_bar = bb.alphas_cumprod[cfg.timestep].to(bb.device)
         noise = diffusion_math.seeded_noise(tuple(z0.shape), cfg.seed).to(bb.device)
         z_t = diffusion_math.add_noise(z0, alpha_bar, noise.to(z0.dtype))
-        original_features = self.extractor(pixels.to(bb.device))[0].float().cpu()
         # class k's injection mask: its region of the input label map, nearest-resized to the model input
         labels = F.interpolate(coarse[None, None].float(), size=(size, size), mode="nearest")[0, 0]
         injection = labels[None] == torch.arange(1, len(classes) + 1, dtype=labels.dtype)[:, None, None]
         guided = cfg.guidance_scale is not None
-        for start in range(0, len(active), cfg.class_batch):
-            chunk = active[start:start + cfg.class_batch]
+
+        def generate(chunk: list[int]) -> torch.Tensor:
             names = [classes[k] for k in chunk]
             prompts = [cfg.prompt.format(name) for name in names]
             tokens = [bb.token_indices(p, name) for p, name in zip(prompts, names)]
@@ -189,13 +230,9 @@ class Refiner:
                 unconditional, conditional = output.float().chunk(2)
                 output = unconditional + cfg.guidance_scale * (conditional - unconditional)
             x0 = diffusion_math.predict_x0(output, latents[:len(chunk)], alpha_bar, bb.prediction_type)
-            images = bb.decode(x0.to(bb.dtype)).float().clamp(0, 1)
-            gen_features = self.extractor(images).float().cpu()
-            new, delta = correspondence.refine(refined[chunk], original_features, gen_features, cfg.beta, cfg.cf)
-            refined[chunk] = new
-            for i, k in enumerate(chunk):
-                generated[classes[k]] = (images[i].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-                matches[classes[k]] = delta[i].numpy()
+            return bb.decode(x0.to(bb.dtype)).float().clamp(0, 1)
+
+        return generate
 
     def _conditioning(self, prompts: list[str], names: list[str], tokens: list[list[int]],
                       hw: tuple[int, int]) -> Conditioning:
@@ -210,6 +247,16 @@ class Refiner:
             for run in _consecutive_runs(positions):
                 hidden[b, run] = alone[b, 1:1 + len(run)]
         return Conditioning(hidden, cond.unet_kwargs)
+
+
+def noise_image(pixels: torch.Tensor, seed: int) -> torch.Tensor:
+    """The ``noise`` control for ``pixels`` (1, 3, H, W) in [0, 1]: seeded Gaussian noise standardised per
+    channel, then given the image's own per-channel mean and std and clamped to [0, 1]. It keeps the image's
+    colour statistics and nothing of its content, so a gain it produces comes from the update rule alone."""
+    eps = diffusion_math.seeded_noise(tuple(pixels.shape), seed)
+    eps = (eps - eps.mean((-2, -1), keepdim=True)) / eps.std((-2, -1), keepdim=True)
+    mean, std = pixels.mean((-2, -1), keepdim=True), pixels.std((-2, -1), keepdim=True)
+    return (mean + std * eps.to(pixels.device)).clamp(0, 1)
 
 
 def _consecutive_runs(positions: Sequence[int]) -> list[list[int]]:

@@ -20,6 +20,7 @@ from g4seg.registry import ComponentSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import test_runner as fx  # noqa: E402  (fakes shared with the run-loop tests)
+from test_bootstrap import reference_interval  # noqa: E402  (the plain-python bootstrap)
 
 IDS = ["2007_000032", "2007_000039"]
 
@@ -124,6 +125,9 @@ def test_variants_axis_compares_engine_settings(fakes, tmp_path):
     ("timesteps = [400, 1000]", "timestep"),
     ('backbones = ["sd99"]', "unknown backbone 'sd99'"),
     ("betas = [0.8, 0.8]", "grid.betas: 0.8 listed more than once"),
+    ('variants = [{ label = "a", generator = "noise" }]', "'a' sets generator, which have axes of their own"),
+    ('generators = ["model", "random"]', "generators"),
+    ('generators = ["noise", "noise"]', "grid.generators: noise listed more than once"),
     ("colours = [1]", "colours"),
 ])
 def test_grid_errors_are_one_line(fakes, tmp_path, grid, message):
@@ -462,9 +466,11 @@ def test_plots_hold_the_expected_series(fakes, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ablation, "_savefig", capture)
     voc, coarse, report = _shift_grid(tmp_path)
-    assert sorted(figures) == ["gain_per_cell.png", "miou_vs_timestep.png"]
+    per_image = sorted(f"{r.cell.id}.png" for r in report.results)
+    assert sorted(figures) == sorted(["gain_per_cell.png", "miou_vs_timestep.png", *per_image])
     assert (tmp_path / "out" / "plots" / "gain_per_cell.png").is_file()
     out = tmp_path / "out"
+    assert sorted(p.name for p in (out / "plots" / "per_image").iterdir()) == per_image
     score = {r.cell.id: voc_miou(out / "cells" / r.cell.id, voc) for r in report.results}
 
     (ax,) = figures["miou_vs_timestep.png"].axes
@@ -487,3 +493,178 @@ def test_plots_hold_the_expected_series(fakes, tmp_path, monkeypatch):
 
     assert [b.get_facecolor() for b in bars] == [to_rgba("tab:green" if r.gain >= 0 else "tab:red")
                                                  for r in report.results]
+    # error bars: each cell's interval from results.json, from its low end to its high end
+    (errorbar,) = ax.containers[1:]
+    segments = errorbar.lines[2][0].get_segments()
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    np.testing.assert_allclose([(s[0][0], s[1][0], s[0][1]) for s in segments],
+                               [(*c["gain_ci95"], y) for y, c in enumerate(cells)], atol=0.006)
+
+    # per-image pictures: each image of the cell at (coarse, refined) per-image IoU
+    per_image_axes = figures[f"{report.results[0].cell.id}.png"].axes[0]
+    points = np.concatenate([c.get_offsets() for c in per_image_axes.collections])
+    _, coarse_image = voc_scores(coarse, voc)
+    _, refined_image = voc_scores(out / "cells" / report.results[0].cell.id, voc)
+    np.testing.assert_allclose(sorted(map(tuple, points.tolist())),
+                               sorted((coarse_image[i], refined_image[i]) for i in IDS))
+
+
+# --- noise controls and intervals --------------------------------------------------------------------------
+
+def image_areas(pred_dir: Path, voc: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each image's per-class (intersection, union), counted here, in the split's order."""
+    return [voc_areas(np.asarray(Image.open(pred_dir / f"{id}.png")),
+                      np.asarray(Image.open(voc / "SegmentationClass" / f"{id}.png"))) for id in IDS]
+
+
+def test_generators_axis_plans_one_cell_per_generator(fakes, tmp_path):
+    voc, coarse = make_voc(tmp_path)
+    grid = ablation.load_grid(write_grid(tmp_path / "g.toml", voc, coarse, FAKE_BASE,
+                                         'timesteps = [200, 400]\ngenerators = ["model", "noise", "self"]'))
+    cells = ablation.plan_cells(grid)
+    assert [c.id for c in cells] == [f"fake-bb_attn_fake-ext_t{t}_b0.8_cf0.2-0.6_gen-{g}" for t in (200, 400)
+                                     for g in ("model", "noise", "self")]
+    assert [c.config.generator for c in cells] == [c.generator for c in cells] == ["model", "noise", "self"] * 2
+    assert cells[0].row()["generator"] == "model" and cells[0].settings == cells[1].settings != cells[3].settings
+    plain = ablation.plan_cells(ablation.load_grid(write_grid(tmp_path / "h.toml", voc, coarse, FAKE_BASE, "")))
+    assert plain[0].id == "fake-bb_attn_fake-ext_t400_b0.8_cf0.2-0.6"  # no axis: ids (and old folders) unchanged
+
+
+def _noise_grid(tmp_path: Path, grid: str = 'timesteps = [400, 200]\ngenerators = ["model", "noise"]', **kwargs):
+    """Cells whose refiner shifts the masks by t/100 pixels (model) or by 7 (noise): known, different outputs."""
+    voc, coarse = make_voc(tmp_path)
+    grid_file = write_grid(tmp_path / "g.toml", voc, coarse, FAKE_BASE, grid)
+    report = ablation.run_ablation(
+        grid_file, tmp_path / "out", progress=False,
+        build_refiner=lambda c: ShiftRefiner(c.timestep // 100 if c.generator == "model" else 7), **kwargs)
+    return voc, coarse, report
+
+
+def test_each_gain_is_reported_with_its_interval_and_its_noise_control(fakes, tmp_path):
+    """Intervals (cell vs coarse, cell vs its noise control) recomputed by the plain loop from counts made here."""
+    voc, coarse, report = _noise_grid(tmp_path, resamples=300, bootstrap_seed=4)
+    out = tmp_path / "out"
+    rows = {r["cell"]: r for r in csv.DictReader((out / "results.csv").open())}
+    cells = {c["cell"]: c for c in json.loads((out / "results.json").read_text())["cells"]}
+    coarse_areas = image_areas(coarse, voc)
+    for t in (400, 200):
+        model, noise = (f"fake-bb_attn_fake-ext_t{t}_b0.8_cf0.2-0.6_gen-{g}" for g in ("model", "noise"))
+        mine, control = image_areas(out / "cells" / model, voc), image_areas(out / "cells" / noise, voc)
+        for cell, areas in ((model, mine), (noise, control)):
+            low, high = reference_interval(areas, coarse_areas, 300, 4)
+            assert (float(rows[cell]["gain_lo"]), float(rows[cell]["gain_hi"])) == (round(low, 2), round(high, 2))
+            assert cells[cell]["gain_ci95"] == [round(low, 2), round(high, 2)]
+        row = rows[model]
+        assert row["noise_cell"] == noise and row["noise_gain"] == rows[noise]["gain"]
+        assert float(row["vs_noise"]) == pytest.approx(voc_miou(out / "cells" / model, voc)
+                                                       - voc_miou(out / "cells" / noise, voc), abs=0.006)
+        low, high = reference_interval(mine, control, 300, 4)
+        assert (float(row["vs_noise_lo"]), float(row["vs_noise_hi"])) == (round(low, 2), round(high, 2))
+        assert cells[model]["noise_control"] == {
+            "cell": noise, "status": "done", "gain": float(rows[noise]["gain"]), "gain_ci95": cells[noise]["gain_ci95"],
+            "vs_noise": float(row["vs_noise"]), "vs_noise_ci95": [round(low, 2), round(high, 2)]}
+        assert rows[noise]["noise_cell"] == "" and cells[noise]["noise_control"] is None
+        _, coarse_image = voc_scores(coarse, voc)
+        _, refined_image = voc_scores(out / "cells" / model, voc)
+        improved = sum(refined_image[i] > coarse_image[i] for i in IDS) / len(IDS)
+        assert float(row["improved_fraction"]) == improved
+    assert len({rows[c]["vs_noise"] for c in rows if c.endswith("model")}) == 2
+    data = json.loads((out / "results.json").read_text())
+    assert data["bootstrap"] == {"resamples": 300, "seed": 4}
+    markdown = (out / "results.md").read_text()
+    assert "noise control gain | over noise [95% CI]" in markdown and "300 resamples, seed 4" in markdown
+    model = "fake-bb_attn_fake-ext_t400_b0.8_cf0.2-0.6_gen-model"
+    line = next(line for line in markdown.splitlines() if line.startswith(f"| {model} |"))
+    assert f"{float(rows[model]['gain']):+.2f} [{float(rows[model]['gain_lo']):+.2f}, " in line
+    assert f"| {float(rows[model]['noise_gain']):+.2f} | {float(rows[model]['vs_noise']):+.2f} [" in line
+    assert "missing" not in markdown
+
+
+def test_a_grid_without_noise_controls_marks_them_missing(fakes, tmp_path):
+    voc, coarse, report = _noise_grid(tmp_path, grid="betas = [0.8, 0.9]")
+    out = tmp_path / "out"
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["noise_cell"] for r in rows] == ["", ""] and all(r["gain_lo"] for r in rows)
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    assert [c["noise_control"] for c in cells] == [{"cell": None, "status": "missing"}] * 2
+    markdown = (out / "results.md").read_text()
+    assert markdown.count("| missing | missing |") == 2 and 'add `generators = ["model", "noise"]`' in markdown
+
+
+def test_a_noise_control_that_is_not_scored_is_named_with_its_status(fakes, tmp_path):
+    def broken_noise(c):
+        if c.generator == "noise":
+            raise G4SegError("cannot load the extractor")
+        return ShiftRefiner(1)
+
+    voc, coarse = make_voc(tmp_path)
+    grid = write_grid(tmp_path / "g.toml", voc, coarse, FAKE_BASE, 'generators = ["model", "noise"]')
+    report = ablation.run_ablation(grid, tmp_path / "out", progress=False, build_refiner=broken_noise)
+    model, noise = report.results
+    assert noise.status == "error" and model.noise is noise and model.versus_noise is None
+    assert model.noise_note == "error" and model.row()["noise_gain"] is None
+    markdown = (tmp_path / "out" / "results.md").read_text()
+    assert f"| {model.cell.id} |" in markdown and "| error | error |" in markdown
+
+
+def test_bad_bootstrap_settings_are_refused_before_any_cell_runs(fakes, tmp_path):
+    from g4seg.cli import app
+
+    voc, coarse = make_voc(tmp_path)
+    grid = write_grid(tmp_path / "g.toml", voc, coarse, FAKE_BASE, "")
+    result = CliRunner().invoke(app, ["ablate", "--grid", str(grid), "--out", str(tmp_path / "out"),
+                                      "--resamples", "0"])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and lines == ["g4seg: error: resamples must be at least 1, got 0"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_noise_control_markers_sit_at_the_controls_gains(fakes, tmp_path, monkeypatch):
+    figures = {}
+    monkeypatch.setattr(ablation, "_savefig", lambda figure, path: figures.setdefault(Path(path).name, figure))
+    voc, coarse, report = _noise_grid(tmp_path)
+    ax = figures["gain_per_cell.png"].axes[0]
+    (markers,) = [c for c in ax.collections if c.get_label() == "its noise control"]
+    expected = [(r.noise.gain, y) for y, r in enumerate(report.results) if r.noise is not None]
+    assert len(expected) == 2 and all(r.noise is None for r in report.results if r.cell.generator == "noise")
+    np.testing.assert_allclose(np.asarray(markers.get_offsets()), expected)
+
+
+def test_generators_axis_with_tiny_models_through_the_cli(tiny_sd_dir, tmp_path, monkeypatch):
+    """model, noise and self cells on real tiny models: the controls run, the model cell is paired with its noise
+    control, and the terminal, the CSV and the per-image pictures show it."""
+    from rich.console import Console
+
+    import g4seg.cli.ablate as ablate_cli
+    from g4seg.cli import app
+    from g4seg.testing.tiny_clip import save_tiny_clip
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(ablate_cli, "console", Console(width=400, highlight=False, soft_wrap=True))
+    clip = save_tiny_clip(tmp_path / "clip")
+    voc, coarse = make_voc(tmp_path)
+    extractor = "\n".join(f'{k} = "{v}"' if k != "input_size" else f"{k} = {v}" for k, v in clip.items())
+    base = (f'backbone = "sd15"\nextractor = "clip"\ndevice = "cpu"\nresolution = 64\n'
+            f'[base.options.backbone]\nmodel = "local-dir:{tiny_sd_dir}"\n[base.options.extractor]\n{extractor}')
+    grid = write_grid(tmp_path / "g.toml", voc, coarse, base, 'generators = ["model", "noise", "self"]')
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["ablate", "--grid", str(grid), "--out", str(out), "--no-progress",
+                                      "--resamples", "200", "--bootstrap-seed", "1"])
+    assert result.exit_code == 0, result.output
+    rows = {r["generator"]: r for r in csv.DictReader((out / "results.csv").open())}
+    assert sorted(rows) == ["model", "noise", "self"] and {r["status"] for r in rows.values()} == {"done"}
+    for generator, row in rows.items():
+        config = json.loads((out / "cells" / row["cell"] / "config.json").read_text())["config"]
+        assert config["generator"] == generator
+    model, noise = rows["model"], rows["noise"]
+    assert model["noise_cell"] == noise["cell"] and rows["self"]["noise_cell"] == noise["cell"]
+    assert float(model["vs_noise"]) == pytest.approx(voc_miou(out / "cells" / model["cell"], voc)
+                                                     - voc_miou(out / "cells" / noise["cell"], voc), abs=0.006)
+    low, high = reference_interval(image_areas(out / "cells" / model["cell"], voc), image_areas(coarse, voc), 200, 1)
+    assert (float(model["gain_lo"]), float(model["gain_hi"])) == (round(low, 2), round(high, 2))
+    text = " ".join(result.output.split())
+    assert "over noise [95% CI]" in text and f"[{low:+.2f}, {high:+.2f}]" in text
+    for row in rows.values():
+        with Image.open(out / "plots" / "per_image" / f"{row['cell']}.png") as picture:
+            assert picture.format == "PNG"

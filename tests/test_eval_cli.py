@@ -2,6 +2,7 @@
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,11 @@ from g4seg.evaluation import compare, evaluate
 from g4seg.io import save_label_png
 from g4seg.plugins import registry
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_bootstrap import counts, reference_interval  # noqa: E402  (the plain-python bootstrap)
+
 BG, CAT, HORSE, PERSON = 0, 8, 13, 15  # VOC labels
+SPLIT = ["a", "b", "c"]  # dataset.ids() (sorted): the order of the rows the bootstrap draws
 
 
 def labels_and_predictions():
@@ -73,6 +78,7 @@ def test_evaluate_and_compare_by_hand(tmp_path):
     dataset = registry().get("dataset", "voc12").build({"root": voc, "split": "val"})
     refined = evaluate(refined_dir, dataset)
     coarse = evaluate(coarse_dir, dataset, workers=1)
+    assert dataset.ids() == SPLIT and list(refined.per_image) == SPLIT
     assert refined.images == 3
     assert refined.miou == pytest.approx(REFINED_MIOU)
     assert coarse.miou == pytest.approx(COARSE_MIOU)
@@ -107,6 +113,68 @@ def test_cli_table_json_and_compare(tmp_path, run_eval):
     assert report["per_class"]["sofa"] is None
     assert report["compare"]["coarse_mIoU"] == pytest.approx(COARSE_MIOU)
     assert report["compare"]["bins"][1] == {"range": "40-80", "count": 1, "mean_gain": pytest.approx(100 - 175 / 3)}
+    # the interval: 1000 paired resamples, seed 0, recomputed by the plain loop from hand counts
+    assert report["compare"]["gain"] == pytest.approx(REFINED_MIOU - COARSE_MIOU)
+    low, high = hand_interval(1000, 0)
+    assert report["compare"]["gain_ci95"] == [pytest.approx(low), pytest.approx(high)] and low < high
+    assert report["compare"]["improved_fraction"] == pytest.approx(2 / 3)  # a and c improved, b got worse
+    assert report["compare"]["worsened_fraction"] == pytest.approx(1 / 3)
+    assert (report["compare"]["resamples"], report["compare"]["bootstrap_seed"]) == (1000, 0)
+    assert f"95% CI [{low:+.2f}, {high:+.2f}]" in text and "improved on 66.7% of images" in text
+    with Image.open(out.parent / "voc.per_image.png") as picture:  # next to the --json report
+        assert picture.format == "PNG"
+
+
+def hand_interval(resamples: int, seed: int) -> tuple[float, float]:
+    """The gain's interval from the three images' hand counts (21 VOC classes), in the split's order."""
+    images = labels_and_predictions()
+    refined = [counts(images[id][1], images[id][0], 21) for id in SPLIT]
+    coarse = [counts(images[id][2], images[id][0], 21) for id in SPLIT]
+    return reference_interval(refined, coarse, resamples, seed)
+
+
+def test_cli_resamples_seed_and_plot_options(tmp_path, run_eval):
+    voc, refined_dir, coarse_dir = make_run(tmp_path)
+    out, plot = tmp_path / "s.json", tmp_path / "pictures" / "mine.png"
+    result = run_eval(refined_dir, "-d", "voc12", "--root", voc, "--compare", coarse_dir, "--json", out,
+                      "--resamples", 50, "--seed", 9, "--plot", plot)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())["compare"]
+    assert report["gain_ci95"] == pytest.approx(list(hand_interval(50, 9)))
+    assert report["gain_ci95"] != pytest.approx(list(hand_interval(1000, 0)))
+    assert plot.is_file() and not (tmp_path / "s.per_image.png").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--compare", "COARSE", "--resamples", "0"], "resamples must be at least 1, got 0"),
+    (["--compare", "COARSE", "--seed", "-1"], "seed must be >= 0"),
+    (["--plot", "p.png"], "--plot draws the comparison: give --compare"),
+])
+def test_cli_bad_bootstrap_options_are_one_line(tmp_path, run_eval, args, message):
+    voc, refined_dir, coarse_dir = make_run(tmp_path)
+    args = [str(coarse_dir) if a == "COARSE" else a for a in args]
+    result = run_eval(refined_dir, "-d", "voc12", "--root", voc, *args)
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("g4seg: error: ") and message in lines[0]
+
+
+def test_per_image_picture_plots_each_image_in_its_bin(tmp_path):
+    from matplotlib.colors import to_rgba
+
+    from g4seg.evaluation import BIN_COLOURS, per_image_figure
+
+    voc, refined_dir, coarse_dir = make_run(tmp_path)
+    dataset = registry().get("dataset", "voc12").build({"root": voc, "split": "val"})
+    figure = per_image_figure(compare(evaluate(refined_dir, dataset), evaluate(coarse_dir, dataset)), "toy")
+    (ax,) = figure.axes
+    points = [(np.asarray(c.get_offsets()), to_rgba(c.get_facecolor()[0])[:3]) for c in ax.collections]
+    # (coarse, refined) per-image IoU: a in 0-40, c in 40-80, b in 80-100
+    for (got, _), expected in zip(points, ([[25.0, 100.0]], [[175 / 3, 100.0]], [[100.0, 150 / 7]])):
+        np.testing.assert_allclose(got, expected)
+    assert [colour for _, colour in points] == [to_rgba(c)[:3] for c in BIN_COLOURS]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "coarse IoU 0-40 (1 images)", "coarse IoU 40-80 (1 images)", "coarse IoU 80-100 (1 images)"]
 
 
 def test_cli_without_compare_writes_the_plain_format(tmp_path, run_eval):
@@ -171,10 +239,14 @@ def test_bins_are_half_open_and_the_last_includes_100():
     from g4seg.metrics import Areas
 
     coarse_ious = {"p": 0.0, "q": 39.9, "r": 40.0, "s": 79.99, "t": 80.0, "u": 100.0, "v": math.nan}
-    coarse = EvalResult("toy", ["background", "x"], coarse_ious, Areas.zeros(2))
-    refined = EvalResult("toy", ["background", "x"], {k: 100.0 for k in coarse_ious}, Areas.zeros(2))
-    bins = compare(refined, coarse).bins
+    areas = Areas.stack([Areas.zeros(2)] * len(coarse_ious), 2)
+    coarse = EvalResult("toy", ["background", "x"], coarse_ious, Areas.zeros(2), areas)
+    refined = EvalResult("toy", ["background", "x"], {k: 100.0 for k in coarse_ious}, Areas.zeros(2), areas)
+    comparison = compare(refined, coarse)
+    bins = comparison.bins
     assert [b.count for b in bins] == [2, 2, 2]  # the undefined image joins no bin
     assert [b.mean_gain for b in bins] == pytest.approx([(100 + 60.1) / 2, (60 + 20.01) / 2, 10.0])
+    assert comparison.improved_fraction == pytest.approx(5 / 6)  # u stays at 100; v is undefined
+    assert comparison.worsened_fraction == 0
     with pytest.raises(G4SegError, match="same dataset split"):
-        compare(refined, EvalResult("toy", ["background", "x"], {"p": 1.0}, Areas.zeros(2)))
+        compare(refined, EvalResult("toy", ["background", "x"], {"p": 1.0}, Areas.zeros(2), areas.rows([0])))

@@ -152,3 +152,107 @@ def test_class_embedding_alone_splices_the_name_encoded_on_its_own(tiny_sd_dir, 
     assert torch.equal(spliced[1, [2, 3]], alone[[1, 2]]) and torch.equal(spliced[1, [6, 7]], alone[[1, 2]])
     assert not np.array_equal(_generated(refiner, scene, "potted plant"),
                               _generated(_refiner(tiny_sd_dir, tiny_clip_options), scene, "potted plant"))
+
+
+# ----- bias controls: generator self / noise ------------------------------------------------------------
+
+class NoModel:
+    """Stands for the backbone and the injector of a control run: their UNet, VAE and injection must not run."""
+
+    resolution, device, dtype = 64, "cpu", None
+
+    def __getattr__(self, name):
+        raise AssertionError(f"a control run used the model's '{name}'")
+
+
+def cell_features(images):
+    """Mean colour of 8x8 cells plus a one-hot of the cell's position: every cell's feature is unique, so a
+    cell can always match itself (and the colour part lets another image's cells match elsewhere)."""
+    import torch
+    import torch.nn.functional as F
+
+    pooled = F.avg_pool2d(images.float(), 8)
+    b, _, h, w = pooled.shape
+    position = 0.2 * torch.eye(h * w).view(1, h * w, h, w).expand(b, -1, -1, -1)
+    return F.normalize(torch.cat([pooled, position], 1), dim=1)
+
+
+def resized(image, size=64):
+    """The model input, resized here on its own: (1, 3, size, size) in [0, 1]."""
+    import torch
+    import torch.nn.functional as F
+
+    pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    return F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+
+
+def _control(generator, **settings):
+    from g4seg.config import RefineConfig
+
+    config = RefineConfig(generator=generator, resolution=64, device="cpu", **settings)
+    return Refiner(config, NoModel(), NoModel(), cell_features)
+
+
+def test_self_control_with_identical_features_changes_nothing(scene):
+    """generator self: every band pixel matches itself (beta < 1 and many pixels in the band), so Eq. 9 leaves
+    the probabilities bit-exact; the image compared is the input; no UNet, VAE or injection runs."""
+    image, probs, classes = scene
+    result = _control("self", beta=0.5).refine(image, probs, classes, return_generated=True,
+                                               return_correspondence=True)
+    in_band = (probs >= 0.2) & (probs <= 0.6)
+    assert in_band.sum() > 100 and set(result.generated) == {"potted plant", "cat"}
+    assert np.array_equal(result.probs, probs)
+    for name in result.correspondence:
+        assert np.array_equal(result.correspondence[name], np.arange(64).reshape(8, 8))
+        expected = (resized(image)[0].permute(1, 2, 0).numpy() * 255).round()
+        assert np.array_equal(result.generated[name], expected)
+    # the same update rule against noise does move band pixels: the check above is not vacuous
+    assert not np.array_equal(_control("noise", beta=0.5).refine(image, probs, classes).probs, probs)
+
+
+def test_noise_image_has_the_images_channel_statistics_and_its_seed():
+    from g4seg.refiner import noise_image
+
+    rng = np.random.default_rng(0)
+    means, stds = np.array([0.3, 0.5, 0.7]), np.array([0.02, 0.05, 0.03])  # no value near 0 or 1: no clamping
+    pixels = means[None, :, None, None] + stds[None, :, None, None] * rng.standard_normal((1, 3, 32, 48))
+    import torch
+
+    pixels_t = torch.from_numpy(pixels.astype(np.float32))
+    noise = noise_image(pixels_t, 7).numpy().astype(np.float64)
+    assert noise.shape == pixels.shape
+    np.testing.assert_allclose(noise.mean((0, 2, 3)), pixels.mean((0, 2, 3)), atol=1e-5)
+    np.testing.assert_allclose(noise.std((0, 2, 3), ddof=1), pixels.std((0, 2, 3), ddof=1), rtol=1e-4)
+    assert np.array_equal(noise_image(pixels_t, 7).numpy(), noise.astype(np.float32))  # deterministic
+    def correlation(a, b):  # of the per-channel deviations from the mean
+        a, b = (x - x.mean((2, 3), keepdims=True) for x in (a, b))
+        return abs(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+    other = noise_image(pixels_t, 8).numpy()
+    assert correlation(other, noise) < 0.1  # another seed, other noise
+    assert correlation(noise, pixels) < 0.1  # nothing of the image's content
+    saturated = noise_image(torch.zeros(1, 3, 8, 8), 0)
+    assert torch.equal(saturated, torch.zeros(1, 3, 8, 8))  # a flat image gives itself, in [0, 1]
+
+
+def test_noise_control_is_deterministic_for_a_seed_and_is_what_was_compared(scene):
+    from g4seg.refiner import noise_image
+
+    image, probs, classes = scene
+    first = _control("noise").refine(image, probs, classes, return_generated=True)
+    again = _control("noise").refine(image, probs, classes, return_generated=True)
+    other = _control("noise", seed=1).refine(image, probs, classes, return_generated=True)
+    assert np.array_equal(first.probs, again.probs) and np.array_equal(first.generated["cat"], again.generated["cat"])
+    assert not np.array_equal(first.generated["cat"], other.generated["cat"])
+    assert not np.array_equal(first.probs, other.probs)
+    expected = (noise_image(resized(image), 0)[0].permute(1, 2, 0).numpy() * 255).round()
+    assert np.array_equal(first.generated["cat"], expected)
+    assert np.array_equal(first.generated["potted plant"], expected)  # one noise image for every class
+
+
+def test_generator_is_validated():
+    from g4seg.config import load_config
+
+    with pytest.raises(G4SegError, match="generator") as info:
+        load_config(None, generator="random")
+    assert "\n" not in str(info.value)

@@ -224,9 +224,19 @@ def test_config_hash_covers_outputs_not_placement(fakes, tmp_path):
     same = folder_status(items, out, make_config(class_batch=1, offline=True), CLASSES)
     assert list(same.done) == ["img000"]
     for changed in (make_config(beta=0.9), make_config(cf=(0.1, 0.7)), make_config(seed=1),
-                    make_config(dtype="bf16"), make_config(prompt="an image of {}")):
+                    make_config(dtype="bf16"), make_config(prompt="an image of {}"),
+                    make_config(generator="noise"), make_config(generator="self")):
         assert folder_status(items, out, changed, CLASSES).pending == ["img000"]
     assert json.loads((out / "config.json").read_text())["config_hash"] == first
+
+
+def test_settings_added_later_hash_as_before_at_their_default(fakes):
+    """A run folder made before ``generator`` existed resumes: the default is left out of the hash."""
+    from g4seg.manifest import ADDED_AT_DEFAULT, hashed_settings
+
+    default = hashed_settings(make_config(), CLASSES, "fp32")
+    assert not set(ADDED_AT_DEFAULT) & set(default)
+    assert hashed_settings(make_config(generator="noise"), CLASSES, "fp32")["generator"] == "noise"
 
 
 def test_component_options_are_hashed_after_validation(fakes, tmp_path):

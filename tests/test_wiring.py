@@ -461,6 +461,33 @@ def row_class_batch(ctx, monkeypatch):
     np.testing.assert_allclose(single.result.probs, default.result.probs, atol=1e-5)
 
 
+def noise_reference(image: np.ndarray, seed: int) -> np.ndarray:
+    """The 'noise' control image, recomputed: randn from the seed, standardised per channel, then the resized
+    input's per-channel mean and (unbiased) std, clamped to [0, 1], as uint8."""
+    pixels = resized_input(image)
+    eps = torch.randn((1, 3, SIZE, SIZE), generator=torch.Generator().manual_seed(seed))
+    eps = (eps - eps.mean((2, 3), keepdim=True)) / eps.std((2, 3), keepdim=True)
+    noise = (pixels.mean((2, 3), keepdim=True) + pixels.std((2, 3), keepdim=True) * eps).clamp(0, 1)
+    return (noise[0].permute(1, 2, 0).numpy() * 255).round()
+
+
+def row_generator(ctx, monkeypatch):
+    """The controls run no noise step, no UNet and no injection; each class is compared with the input image
+    (self: whose features are the original's, extracted once) or with the seeded noise image (noise)."""
+    own, noise, model = ctx.run(generator="self"), ctx.run(generator="noise"), ctx.run()
+    for control in (own, noise):
+        assert control.rec["noise"] == control.rec["predict"] == control.rec["attend"] == []
+    assert model.rec["predict"] and model.rec["attend"]
+    assert len(own.rec["extract"]) == 1 and len(noise.rec["extract"]) == 2
+    original = (resized_input(ctx.image)[0].permute(1, 2, 0).numpy() * 255).round()
+    for name in CLASSES:
+        assert np.array_equal(own.gen(name), original)
+        assert np.array_equal(noise.gen(name), noise_reference(ctx.image, 0))
+    assert np.array_equal(ctx.run(generator="noise", seed=5).gen(), noise_reference(ctx.image, 5))
+    assert differs(noise.gen(), model.gen()) and differs(own.gen(), model.gen())
+    assert not np.array_equal(noise.result.probs, model.result.probs)
+
+
 def row_device(ctx, monkeypatch):
     """CPU-only here: 'cpu' puts every model on the CPU; a CUDA device without CUDA is refused before loading."""
     refiner = ctx.refiner()
@@ -505,7 +532,8 @@ CONFIG_ROWS = {
     "prompt": row_prompt, "resolution": row_resolution, "ramp_width": row_ramp_width, "merge": row_merge,
     "bg_threshold": row_bg_threshold, "prob_thd": row_prob_thd, "area_thd": row_area_thd, "bg_power": row_bg_power,
     "guidance_scale": row_guidance_scale, "class_embedding": row_class_embedding, "class_batch": row_class_batch,
-    "device": row_device, "dtype": row_dtype, "offline": row_offline, "options": row_options,
+    "generator": row_generator, "device": row_device, "dtype": row_dtype, "offline": row_offline,
+    "options": row_options,
 }
 
 
@@ -969,6 +997,24 @@ def test_cli_mask_source_file_and_sclip(ctx, cli_files, config_file):
     expected = coarse.merge.labels(coarse.probs, coarse.background)
     got = np.asarray(Image.open(from_sclip / "coarse" / "img.png"))
     assert np.array_equal(got, expected) and not np.array_equal(got, ctx.labels)
+
+
+def test_cli_generator_control(ctx, cli_files, config_file):
+    """--generator noise: the saved generated images are the noise image, the probabilities the API's, the
+    setting recorded in config.json; a bad value is one line."""
+    mask = ["--mask", str(cli_files / "mask.png")]
+    out = _refine_cli(cli_files, config_file, ctx.folder / "out-noise", *mask, "--generator", "noise",
+                      "--save-generated")
+    config = RefineConfig(**{**_toml(config_file), "generator": "noise"})
+    reference = Refiner.from_config(config).refine(ctx.image, ctx.hard, CLASSES).probs
+    assert np.array_equal(np.load(out / "img.npz")["probs"], reference.astype(np.float16))
+    saved = sorted((out / "generated" / "img").glob("*.png"))
+    assert saved and all(np.array_equal(np.asarray(Image.open(p)), noise_reference(ctx.image, 0)) for p in saved)
+    assert json.loads((out / "config.json").read_text())["config"]["generator"] == "noise"
+    result = cli.invoke(plugins_app(), ["refine", str(cli_files / "img.png"), *mask, "--classes", ",".join(CLASSES),
+                                        "--out", str(ctx.folder / "out-bad"), "--generator", "random"])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and "generator" in lines[0] and "'noise'" in lines[0]
 
 
 # ----- unsupported pairs ----------------------------------------------------------------------------

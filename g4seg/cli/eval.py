@@ -58,25 +58,38 @@ def eval_command(
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Also write the scores as JSON here.")] = None,
     compare_dir: Annotated[Optional[Path], typer.Option(
         "--compare", help="Folder of the coarse masks (<id>.png) to report the gain over.")] = None,
+    resamples: Annotated[int, typer.Option(
+        "--resamples", help="--compare: bootstrap resamples of the images for the gain's 95% interval.")] = 1000,
+    seed: Annotated[int, typer.Option("--seed", help="--compare: seed of the bootstrap resampling.")] = 0,
+    plot: Annotated[Optional[Path], typer.Option(
+        "--plot", help="--compare: write the per-image picture (coarse vs refined IoU) here; default "
+                       "next to --json as <name>.per_image.png.")] = None,
 ) -> None:
     """mIoU as mmsegmentation's IoUMetric computes it (dataset-wide sums, 255 ignored), per class."""
     from g4seg.checks import check_output_file
     from g4seg.errors import G4SegError
-    from g4seg.evaluation import compare, evaluate
+    from g4seg.evaluation import compare, evaluate, per_image_figure, save_figure
     from g4seg.io import atomic_write_bytes
+    from g4seg.metrics import check_bootstrap
     from g4seg.plugins import registry
 
-    if json_file is not None:
-        check_output_file(json_file, "--json")  # before the evaluation, not after it
+    if compare_dir is None and plot is not None:
+        raise G4SegError("--plot draws the comparison: give --compare COARSE_DIR as well")
+    if plot is None and json_file is not None and compare_dir is not None:
+        plot = per_image_plot_path(json_file)
+    check_bootstrap(resamples, seed)
+    for path, option in ((json_file, "--json"), (plot, "--plot")):
+        if path is not None:
+            check_output_file(path, option)  # before the evaluation, not after it
     data = registry().get("dataset", dataset).build({"root": root, "split": split})
     result = evaluate(pred_dir, data)
-    comparison = compare(result, evaluate(compare_dir, data)) if compare_dir is not None else None
+    comparison = compare(result, evaluate(compare_dir, data), resamples, seed) if compare_dir is not None else None
 
     console.print(_class_table(result, comparison))
     console.print(f"mIoU {_fmt(result.miou)} over {result.images} images ({data.name} {split})")
     report = result.to_json()
     if comparison is not None:
-        console.print(f"coarse mIoU {_fmt(comparison.coarse_miou)}, gain {_fmt(comparison.gain, signed=True)}")
+        console.print(_gain_line(comparison))
         console.print(_bin_table(comparison))
         report["compare"] = comparison.to_json()
     if json_file is not None:
@@ -85,3 +98,25 @@ def eval_command(
         except OSError as exc:
             raise G4SegError(f"cannot write --json {json_file}: {exc.strerror or exc}") from None
         console.print(f"wrote {json_file}")
+    if comparison is not None and plot is not None:
+        try:
+            save_figure(per_image_figure(comparison, f"{data.name} {split}: {pred_dir.name} vs {compare_dir.name}"),
+                        plot)
+        except OSError as exc:
+            raise G4SegError(f"cannot write --plot {plot}: {exc.strerror or exc}") from None
+        console.print(f"wrote {plot}")
+
+
+def per_image_plot_path(json_file: Path) -> Path:
+    """Where the per-image picture goes without --plot: next to the --json report, same name."""
+    return json_file.with_name(f"{json_file.stem}.per_image.png")
+
+
+def _gain_line(comparison: Comparison) -> str:
+    low, high = comparison.gain_ci95
+    share = comparison.improved_fraction
+    improved = "" if share is None else (f"; improved on {100 * share:.1f}% of images, worse on "
+                                         f"{100 * comparison.worsened_fraction:.1f}%")
+    return (f"coarse mIoU {_fmt(comparison.coarse_miou)}, gain {_fmt(comparison.gain, signed=True)} "
+            f"(95% CI [{_fmt(low, signed=True)}, {_fmt(high, signed=True)}], paired bootstrap over images, "
+            f"{comparison.resamples} resamples, seed {comparison.seed}){improved}")

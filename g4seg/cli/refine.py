@@ -202,6 +202,11 @@ def refine_command(
     class_batch: Annotated[
         Optional[int], typer.Option(help="Classes per UNet call; lower it if memory runs out; default 8.")
     ] = None,
+    generator: Annotated[
+        Optional[str], typer.Option(help="Image compared with the original: model (the one-step generation), or "
+                                         "a bias control: self (the image itself) or noise (seeded noise with the "
+                                         "image's per-channel mean and std); default model.")
+    ] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda:N; default auto.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="auto, fp16, bf16 or fp32; default auto.")] = None,
     offline: Annotated[bool, typer.Option("--offline", help="Never contact the Hugging Face Hub.")] = False,
@@ -236,7 +241,7 @@ def refine_command(
         mask_source=mask_source, timestep=timestep, beta=beta, cf=band, seed=seed, prompt=prompt,
         resolution=resolution, ramp_width=ramp_width, merge=merge, bg_threshold=bg_threshold, prob_thd=prob_thd,
         area_thd=area_thd, bg_power=bg_power, guidance_scale=guidance_scale, class_embedding=class_embedding,
-        class_batch=class_batch,
+        class_batch=class_batch, generator=generator,
         device=device, dtype=dtype, offline=offline or None, options=options or None,
     )
     from g4seg.plugins import registry
