@@ -31,11 +31,13 @@ BUILTIN_MODULES = (
     "g4seg.builtin.injector_attn",
     "g4seg.builtin.injector_none",
     "g4seg.builtin.extractor_clip",
+    "g4seg.builtin.toy",
     "g4seg.builtin.mask_source_file",
     "g4seg.builtin.mask_source_sclip",
     "g4seg.builtin.dataset_voc",
     "g4seg.builtin.dataset_context",
     "g4seg.builtin.dataset_coco_object",
+    "g4seg.builtin.dataset_toy",
 )
 
 HOOK_FOR_KIND = {

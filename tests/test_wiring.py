@@ -539,11 +539,16 @@ CONFIG_ROWS = {
 
 # ===== item 1: component option rows ==================================================================
 
-BACKBONES = ("sd15", "sd21", "sd21-768", "sdxl", "lcm")
+BACKBONES = ("sd15", "sd21", "sd21-768", "sdxl", "lcm", "toy")
 
 
 def bb_model(name, ctx, monkeypatch):
-    if name in ("sd15", "sd21", "sd21-768"):
+    if name == "toy":  # its default is the shipped toy model (tests/test_toy_models.py runs it)
+        from g4seg.builtin.toy import SHIPPED
+
+        spec = plugins.load()[0].get("backbone", "toy")
+        assert spec.parse_options({}).model == f"local-dir:{SHIPPED / 'sd'}"
+    if name in ("sd15", "sd21", "sd21-768", "toy"):
         refiner = ctx.refiner(backbone=name, backbone_options={"model": f"local-dir:{ctx.dirs['sd-v']}"})
         assert refiner.backbone.prediction_type == "v_prediction" and refiner.backbone.unet.config.upcast_attention
         assert ctx.refiner(backbone=name).backbone.prediction_type == "epsilon"
@@ -730,6 +735,44 @@ def clip_input_size(ctx, monkeypatch):
     assert torch.equal(_features(ctx, input_size=32), _features(ctx))
 
 
+def _toy_features(ctx, **options):
+    """The toy-clip extractor (the shipped toy CLIP by default) on the scene's 64 px model input."""
+    extractor = plugins.load()[0].get("extractor", "toy-clip").build(options, Runtime())
+    return extractor(resized_input(ctx.image))
+
+
+def toy_clip_row(option):
+    """toy-clip is the clip extractor with the toy CLIP and 64 px windows every 16 px (a 16x16 grid of
+    4 px patches): each option changes what the clip rows say it changes, from those defaults."""
+    def row(ctx, monkeypatch):
+        default = _toy_features(ctx)
+        assert default.shape[-2:] == (16, 16)
+        if option == "model":  # the tiny test CLIP: 8 px patches, 32 px windows -> 8x8 on 64 px
+            other = _toy_features(ctx, model=ctx.clip_options["model"], pretrained=ctx.clip_options["pretrained"])
+            assert other.shape[-2:] == (8, 8)
+        elif option == "pretrained":
+            assert not torch.allclose(_toy_features(ctx, pretrained="none"), default)
+        elif option == "cache_dir":
+            assert torch.equal(_toy_features(ctx, cache_dir=str(ctx.folder / "toy-cache")), default)
+        elif option == "recipe":
+            assert not torch.allclose(_toy_features(ctx, recipe="tokens"), default)
+        elif option == "geometry":
+            whole = _toy_features(ctx, geometry="whole", input_size=64)
+            assert whole.shape == default.shape and not torch.allclose(whole, default)
+        elif option == "short_side":
+            assert _toy_features(ctx, short_side=96).shape[-2:] == (24, 24)
+        elif option == "stride":
+            coarse = _toy_features(ctx, stride=32)
+            assert coarse.shape == default.shape and not torch.allclose(coarse, default)
+        else:  # input_size: only the whole geometry uses it
+            assert _toy_features(ctx, geometry="whole", input_size=32).shape[-2:] == (8, 8)
+            assert torch.equal(_toy_features(ctx, input_size=32), default)
+    return row
+
+
+TOY_CLIP_OPTIONS = ("model", "pretrained", "cache_dir", "recipe", "geometry", "short_side", "stride", "input_size")
+
+
 def _mask_file(ctx, name, array, mode="L"):
     path = ctx.folder / name
     image = Image.fromarray(array, mode=mode)
@@ -849,6 +892,7 @@ OPTION_ROWS = {
     "extractor:clip.cache_dir": clip_cache_dir, "extractor:clip.recipe": clip_recipe,
     "extractor:clip.geometry": clip_geometry, "extractor:clip.short_side": clip_short_side,
     "extractor:clip.stride": clip_stride, "extractor:clip.input_size": clip_input_size,
+    **{f"extractor:toy-clip.{option}": toy_clip_row(option) for option in TOY_CLIP_OPTIONS},
     "mask_source:file.mode": file_mode, "mask_source:file.resize": file_resize,
     "mask_source:sclip.model": sclip_model, "mask_source:sclip.pretrained": sclip_pretrained,
     "mask_source:sclip.cache_dir": sclip_cache_dir, "mask_source:sclip.preset": sclip_preset,

@@ -158,7 +158,7 @@ def _geometry(options: ClipOptions, visual: torch.nn.Module) -> tuple[int | None
     return short_side, stride
 
 
-def _build(options: ClipOptions, runtime: Runtime) -> ClipExtractor:
+def build_clip_extractor(options: ClipOptions, runtime: Runtime) -> ClipExtractor:
     image_size = options.input_size if options.geometry == "whole" else None
     loaded = load_clip(options, runtime, "extractor", image_size=image_size)
     visual = plain_vit(loaded.model, options.model, options.recipe, "extractor")
@@ -168,6 +168,6 @@ def _build(options: ClipOptions, runtime: Runtime) -> ClipExtractor:
 
 @hookimpl
 def register_extractors(register):
-    register(ComponentSpec(kind="extractor", name="clip", aliases=("open_clip",), factory=_build,
+    register(ComponentSpec(kind="extractor", name="clip", aliases=("open_clip",), factory=build_clip_extractor,
                            options=ClipOptions, tags=frozenset({"features:dense"}),
                            description="open_clip ViT dense patch features (SCLIP/MaskCLIP recipes)"))

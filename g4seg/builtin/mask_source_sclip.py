@@ -22,8 +22,10 @@ open_clip model loaded exactly like the ``clip`` extractor's (:mod:`g4seg.clip_m
 
 Presets (option ``preset``) are SCLIP's own class files and settings: ``voc21`` (``cls_voc21.txt``;
 ``logit_scale`` 65, ``prob_thd`` 0.1, ``area_thd`` 0.1), ``context60`` (50, 0.1, no area filter),
-``coco-object`` (50, 0.1, no area filter). A given class is looked up among a preset's classes (line 0,
-the background words, excluded) by any of its names, ignoring case, spaces and punctuation
+``coco-object`` (50, 0.1, no area filter); and ours, ``toy`` (the toy world's six classes, 50, 0.1, no
+area filter), which also makes the shipped toy CLIP, 64 px geometry (windows every 16 px) and the single
+template the defaults (docs/quality.md); ``auto`` never picks it. A given class is looked up among a
+preset's classes (line 0, the background words, excluded) by any of its names, ignoring case, spaces and punctuation
 ("potted plant" = "pottedplant"); its names are its comma-separated parts ("boat, ship") and, when its
 first name is a class of one of g4seg's dataset class files (``g4seg/data/voc12.txt`` etc.), that
 line's synonyms, so the dataset names "boat" and "dining table" find SCLIP's "ship" and "table". Its
@@ -57,7 +59,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from g4seg.clip_model import (ClipModelOptions, LoadedClip, dense_features, load_clip, on_runtime, plain_vit,
                               tokenizer, window_boxes)
@@ -90,6 +92,7 @@ PRESETS: dict[str, Preset] = {
     "voc21": Preset("cls_voc21.txt", 65.0, 0.1, 0.1),
     "context60": Preset("cls_context60.txt", 50.0, 0.1, None),
     "coco-object": Preset("cls_coco_object.txt", 50.0, 0.1, None),
+    "toy": Preset("cls_toy.txt", 50.0, 0.1, None),  # ours: the toy world (docs/quality.md)
 }
 _WITH_BACKGROUND = Preset("", 50.0, 0.1, None)  # no preset: SCLIP's configs for datasets with a background
 _WITHOUT_BACKGROUND = Preset("", 40.0, 0.0, None)  # no preset, no background words: SCLIP's class defaults
@@ -98,8 +101,9 @@ _WITHOUT_BACKGROUND = Preset("", 40.0, 0.0, None)  # no preset, no background wo
 class SclipOptions(ClipModelOptions):
     """The CLIP model (as the ``clip`` extractor's), SCLIP's preset, prompts, thresholds and geometry."""
 
-    preset: Literal["auto", "none", "voc21", "context60", "coco-object"] = Field(
-        "auto", description="SCLIP class file and settings; auto = the smallest preset holding every class")
+    preset: Literal["auto", "none", "voc21", "context60", "coco-object", "toy"] = Field(
+        "auto", description="SCLIP class file and settings; auto = the smallest of SCLIP's presets holding "
+                            "every class; toy = the toy world's classes and CLIP")
     background: list[str] | None = Field(None, description="background query words (comma-separated); "
                                                            "None = the preset's (VOC21's without one)")
     templates: Literal["imagenet", "single"] = Field("imagenet", description="imagenet = SCLIP's 80 prompts, "
@@ -112,6 +116,18 @@ class SclipOptions(ClipModelOptions):
                                                             "None = 1.5 x window (336)")
     stride: int | None = Field(None, ge=1, description="window stride in pixels; None = half the window (112)")
     window: int | None = Field(None, ge=1, description="window side; None = the model's image size (224)")
+
+    @model_validator(mode="after")
+    def _toy_model(self) -> "SclipOptions":
+        """``preset=toy`` selects the shipped toy CLIP and its 64 px geometry, unless given otherwise."""
+        if self.preset == "toy":
+            from g4seg.builtin.toy import TOY_CLIP
+
+            for key, value in (("model", TOY_CLIP), ("pretrained", "toy"), ("short_side", 64), ("stride", 16),
+                               ("templates", "single")):
+                if key not in self.model_fields_set:
+                    setattr(self, key, value)
+        return self
 
     @field_validator("background", mode="before")
     @classmethod
@@ -202,7 +218,7 @@ def choose_preset(classes: Sequence[str], preset: str) -> str | None:
             raise G4SegError(f"mask source 'sclip': preset '{preset}' has no class {', '.join(map(repr, unknown))} "
                              f"(see g4seg/data/sclip/{PRESETS[preset].file}); use -o mask_source.preset=none")
         return preset
-    holding = [p for p in PRESETS if all(find(p, c) is not None for c in classes)]
+    holding = [p for p in PRESETS if p != "toy" and all(find(p, c) is not None for c in classes)]
     return min(holding, key=lambda p: len(preset_lines(p)), default=None)
 
 

@@ -108,6 +108,13 @@ def _register() -> None:
         ("doctor", doctor_command),
     ):
         app.command(name)(user_errors(command))
+    from g4seg.cli.toy import demo_command, toy_app, toy_commands
+
+    app.command("demo")(user_errors(demo_command))
+
+    for name, command in toy_commands():
+        toy_app.command(name)(user_errors(command))
+    app.add_typer(toy_app)
 
 
 _register()

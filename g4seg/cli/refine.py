@@ -132,6 +132,17 @@ def check_inputs(items: list, problems: dict[str, str], cfg, class_names: list[s
     return valid, problems
 
 
+def parse_band(text: str | None) -> tuple[float, float] | None:
+    """``--cf LO,HI`` -> (lo, hi); None when not given."""
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise G4SegError(f"--cf must be LO,HI (e.g. 0.2,0.6), got '{text}'") from None
+    return lo, hi
+
+
 def class_list(text: str | None) -> list[str]:
     """``--classes`` as names; a leading ``background`` only says that stacks hold it first (K+1 maps)."""
     names = [c.strip() for c in (text or "").split(",")]
@@ -228,13 +239,7 @@ def refine_command(
     from g4seg.runtime import set_offline
 
     set_offline(offline)
-    band = None
-    if cf is not None:
-        try:
-            lo, hi = (float(v) for v in cf.split(","))
-        except ValueError:
-            raise G4SegError(f"--cf must be LO,HI (e.g. 0.2,0.6), got '{cf}'") from None
-        band = (lo, hi)
+    band = parse_band(cf)
     options = parse_overrides(option or [])
     cfg = load_config(
         config, backbone=backbone, injector=injector, extractor=extractor, postprocessor=postprocessor,
