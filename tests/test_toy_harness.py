@@ -260,3 +260,28 @@ def test_sanity_one_step_is_the_refiners_generation():
     # where a wrong prompt, noise, timestep or mask moves many values (the injector alone moves ~1 level per pixel)
     assert differ.max() <= 1 and (differ > 0).mean() < 1e-3
     assert (np.abs((plain[0].permute(1, 2, 0).numpy() * 255).round() - generated) > 0).mean() > 0.05
+
+
+def test_boundary_cells_are_the_cells_on_the_masks_edge():
+    """A 4x4 square at rows/cols 4..7 of a 16 px image on an 8x8 grid (2 px cells): its edge pixels lie
+    in cells (2..3, 2..3), all four of them; the count caps and spreads the choice."""
+    from g4seg.toy.pictures import boundary_cells
+
+    mask = np.zeros((16, 16), dtype=bool)
+    mask[4:8, 4:8] = True
+    assert boundary_cells(mask, (8, 8), 10) == [2 * 8 + 2, 2 * 8 + 3, 3 * 8 + 2, 3 * 8 + 3]
+    assert boundary_cells(mask, (8, 8), 2) == [2 * 8 + 2, 3 * 8 + 2]
+    assert boundary_cells(np.zeros((16, 16), dtype=bool), (8, 8), 4) == []
+
+
+def test_harness_pictures_have_the_match_panel(tmp_path):
+    """--out with --pictures: one picture per scene and perturbation, seven panels (the matches twice as wide)."""
+    from PIL import Image
+
+    result = invoke("toy", "eval", "--n", 2, "--perturbations", "dilate-1", "--out", tmp_path, "--pictures", 1,
+                    "--no-progress", "--resamples", 20, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    pictures = sorted((tmp_path / "pictures" / "dilate-1").glob("*.png"))
+    assert [p.name for p in pictures] == [f"scene{HELD_OUT_SEEDS_START}.png"]
+    with Image.open(pictures[0]) as picture:
+        assert picture.size[0] > 5 * picture.size[1]

@@ -70,36 +70,24 @@ def run_demo(out: Path, device: str = "auto", **settings: Any) -> DemoResult:
     out.mkdir(parents=True, exist_ok=True)
     save_label_png(out / "refined.png", refined)
     picture = out / "demo.png"
-    draw(picture, image, coarse, truth, refined, result.generated, result.correspondence, result.probs, names,
-         refiner.config.cf)
+    draw(picture, image, coarse, truth, refined, result.generated, result.correspondence, present, names)
     shown = ["background", *names]
     return DemoResult(shown, ious(coarse, truth, shown), ious(refined, truth, shown), picture)
 
 
-def _band_cells(probs: np.ndarray, cf: tuple[float, float], grid: tuple[int, int], count: int) -> list[int]:
-    """Up to ``count`` grid cells holding band pixels (the ones Eq. 9 may move), spread over the band."""
-    h, w = grid
-    height, width = probs.shape
-    ys, xs = np.nonzero((probs >= cf[0]) & (probs <= cf[1]))
-    cells = sorted({int(y * h // height) * w + int(x * w // width) for y, x in zip(ys, xs)})
-    step = max(1, len(cells) // count)
-    return cells[::step][:count]
-
-
 def draw(path: Path, image: np.ndarray, coarse: np.ndarray, truth: np.ndarray, refined: np.ndarray,
-         generated: dict[str, np.ndarray], matches: dict[str, np.ndarray], probs: np.ndarray, names: list[str],
-         cf: tuple[float, float]) -> None:
-    """Six panels; the correspondence panel puts the generated image left of the original and joins a
-    few generated band cells to the original cells Eq. 8 matched them with."""
+         generated: dict[str, np.ndarray], matches: dict[str, np.ndarray], ids: list[int], names: list[str]) -> None:
+    """Six panels; the correspondence panel joins a few generated cells on the coarse mask's boundary to
+    the original cells Eq. 8 matched them with (:func:`g4seg.toy.pictures.match_lines`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from g4seg.io import overlay
+    from g4seg.toy.pictures import match_lines
 
     name = next((n for n in names if n in generated), None)
-    side = image.shape[1]
     figure, axes = plt.subplots(1, 6, figsize=(17, 3), dpi=110, gridspec_kw={"width_ratios": [1, 1, 1, 2, 1, 1]})
     panels = [(image, "image"), (overlay(image, coarse), "coarse mask"),
               (generated[name] if name else np.zeros_like(image), f"generated ({name or 'nothing in the band'})"),
@@ -111,17 +99,7 @@ def draw(path: Path, image: np.ndarray, coarse: np.ndarray, truth: np.ndarray, r
         if picture is not None:
             axis.imshow(picture, interpolation="nearest")
     if name:
-        axis = axes[3]
-        axis.imshow(np.concatenate([generated[name], image], axis=1), interpolation="nearest")
-        delta = matches[name]
-        h, w = delta.shape
-        cell = side / w
-        k = names.index(name)
-        for j in _band_cells(probs[k], cf, (h, w), 8):
-            source = int(delta.flat[j])
-            (y0, x0), (y1, x1) = divmod(j, w), divmod(source, w)
-            axis.plot([(x0 + 0.5) * cell, side + (x1 + 0.5) * cell], [(y0 + 0.5) * cell, (y1 + 0.5) * cell],
-                      "-o", color="yellow", lw=0.8, ms=2)
+        match_lines(axes[3], generated[name], image, matches[name], coarse == ids[names.index(name)])
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)

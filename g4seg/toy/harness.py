@@ -101,6 +101,7 @@ class Panel:
     coarse: np.ndarray
     generated: dict[str, np.ndarray]
     refined: dict[str, np.ndarray]  # generator -> label map
+    matches: dict[str, np.ndarray] = field(default_factory=dict)  # class -> Eq. 8 grid matches (model)
 
 
 @dataclass
@@ -136,13 +137,14 @@ def run_harness(refiner: "Refiner", seeds: Sequence[int], perturbations: Sequenc
             panel = Panel(seed, name, scene.image, scene.labels, coarse, {}, {}) if i < pictures else None
             for generator, r in refiners.items():
                 start = time.perf_counter()
-                result = r.refine(scene.image, probs, CLASSES, return_generated=panel is not None)
+                result = r.refine(scene.image, probs, CLASSES, return_generated=panel is not None,
+                                  return_correspondence=panel is not None and generator == GENERATOR)
                 run.seconds[generator] += time.perf_counter() - start
                 run.refined[generator][name].append(intersect_and_union(result.labels, scene.labels, NUM_CLASSES))
                 if panel is not None:
                     panel.refined[generator] = result.labels
                     if generator == GENERATOR:
-                        panel.generated = result.generated or {}
+                        panel.generated, panel.matches = result.generated or {}, result.correspondence or {}
             if panel is not None:
                 run.panels.append(panel)
         if advance is not None:
@@ -240,9 +242,12 @@ def _colours(labels: np.ndarray) -> np.ndarray:
 
 
 def panel_figure(panel: Panel) -> Any:
-    """One row: image, ground truth, coarse, the generation of the largest coarse class, refined by the
-    model and by the noise control; each map titled with its IoU against the truth."""
+    """One row: image, ground truth, coarse, the generation of the largest coarse class, its Eq. 8 matches
+    (generated | original), refined by the model and by the noise control; each map titled with its IoU
+    against the truth."""
     from matplotlib.figure import Figure
+
+    from g4seg.toy.pictures import match_lines
 
     def score(labels: np.ndarray) -> str:
         return f"mIoU {image_iou(intersect_and_union(labels, panel.truth, NUM_CLASSES)):.1f}"
@@ -253,11 +258,16 @@ def panel_figure(panel: Panel) -> Any:
              (f"coarse ({panel.perturbation})\n{score(panel.coarse)}", _colours(panel.coarse)),
              (f"generated: {shown[0]}" if shown else "generated: none\n(no band pixels)",
               panel.generated[shown[0]] if shown else np.zeros_like(panel.image)),
+             ("Eq. 8 matches\ngenerated | original", None),
              *((f"refined ({g})\n{score(panel.refined[g])}", _colours(panel.refined[g])) for g in (GENERATOR, "noise"))]
-    figure = Figure(figsize=(2.0 * len(tiles), 2.5))
-    for i, (title, tile) in enumerate(tiles):
-        ax = figure.add_subplot(1, len(tiles), i + 1)
-        ax.imshow(tile, interpolation="nearest")
+    figure = Figure(figsize=(2.0 * (len(tiles) + 1), 2.5))
+    widths = [2 if tile is None else 1 for _, tile in tiles]
+    for ax, (title, tile) in zip(figure.subplots(1, len(tiles), gridspec_kw={"width_ratios": widths}), tiles):
+        if tile is not None:
+            ax.imshow(tile, interpolation="nearest")
+        elif shown:
+            k = CLASSES.index(shown[0]) + 1
+            match_lines(ax, panel.generated[shown[0]], panel.image, panel.matches[shown[0]], panel.coarse == k)
         ax.set_title(title, fontsize="small")
         ax.axis("off")
     figure.suptitle(f"scene {panel.seed}", fontsize="small")
