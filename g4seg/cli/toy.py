@@ -20,6 +20,7 @@ def train_command(
     clip_steps: Annotated[int, typer.Option("--clip-steps", min=1, help="CLIP steps.")] = 1200,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1,
                                                    help="CPU threads in all; default: every core.")] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu, or cuda / cuda:N to train on a GPU.")] = "cpu",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the models already in --out.")] = False,
 ) -> None:
     """Train the toy world's diffusion model and CLIP from scratch (seeded; about 45 minutes on 2 CPU cores)."""
@@ -35,7 +36,7 @@ def train_command(
                          f"them or another --out")
     out.mkdir(parents=True, exist_ok=True)
     settings = TrainSettings(seed=seed, scenes=scenes, vae_steps=vae_steps, unet_steps=unet_steps,
-                             clip_steps=clip_steps)
+                             clip_steps=clip_steps, device=device)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[figures]}"), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True)) as progress:

@@ -68,6 +68,7 @@ class TrainSettings:
     unet_batch: int = 64
     clip_steps: int = 1200
     clip_batch: int = 128
+    device: str = "cpu"  # random draws stay on the CPU, so a GPU run sees the same batches
 
 
 Report = Callable[[str, int, int, dict[str, float]], None]  # stage, step, total, figures
@@ -141,6 +142,8 @@ def train_vae(vae: Any, images: torch.Tensor, held_out: torch.Tensor, settings: 
               report: Report) -> dict[str, float]:
     import torch
 
+    device = torch.device(settings.device)
+    vae.to(device)
     generator = torch.Generator().manual_seed(settings.seed + 1)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
     crop = SIDE // 2
@@ -149,7 +152,7 @@ def train_vae(vae: Any, images: torch.Tensor, held_out: torch.Tensor, settings: 
         _set_lr(optimizer, _cosine_lr(step, settings.vae_steps, 2e-3))
         index = torch.randint(len(images), (settings.vae_batch,), generator=generator)
         y0, x0 = (int(v) for v in torch.randint(SIDE - crop + 1, (2,), generator=generator))
-        x = images[index, :, y0:y0 + crop, x0:x0 + crop]
+        x = images[index, :, y0:y0 + crop, x0:x0 + crop].to(device)
         out = vae.decode(vae.encode(x).latent_dist.mode()).sample
         loss = (out - x).abs().mean() + ((out - x) ** 2).mean()
         optimizer.zero_grad(set_to_none=True)
@@ -158,15 +161,17 @@ def train_vae(vae: Any, images: torch.Tensor, held_out: torch.Tensor, settings: 
         report("vae", step + 1, settings.vae_steps, {"loss": loss.item()})
     vae.eval()
     with torch.no_grad():
-        decoded = vae.decode(vae.encode(held_out).latent_dist.mode()).sample.clamp(-1, 1)
+        decoded = vae.decode(vae.encode(held_out.to(device)).latent_dist.mode()).sample.clamp(-1, 1).cpu()
     return {"vae_psnr_db": psnr(decoded / 2 + 0.5, held_out / 2 + 0.5)}
 
 
 def encode_all(vae: Any, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
     import torch
 
+    device = next(vae.parameters()).device
     with torch.no_grad():
-        return torch.cat([vae.encode(images[i:i + batch]).latent_dist.mode() for i in range(0, len(images), batch)])
+        return torch.cat([vae.encode(images[i:i + batch].to(device)).latent_dist.mode().cpu()
+                          for i in range(0, len(images), batch)])
 
 
 # ----- stage 2: UNet + text encoder --------------------------------------------------------------
@@ -177,9 +182,13 @@ def train_unet(unet: Any, text_encoder: Any, tokenizer: Any, latents: torch.Tens
 
     from g4seg.diffusion_math import add_noise
 
+    device = torch.device(settings.device)
+    unet.to(device)
+    text_encoder.to(device)
     generator = torch.Generator().manual_seed(settings.seed + 2)
     texts = sorted(set(captions)) + [""]
     token_ids = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    token_ids = token_ids.to(device)
     caption_index = torch.tensor([texts.index(c) for c in captions])
     empty = len(texts) - 1
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -192,9 +201,9 @@ def train_unet(unet: Any, text_encoder: Any, tokenizer: Any, latents: torch.Tens
         which = torch.where(torch.rand(settings.unet_batch, generator=generator) < 0.1, empty, caption_index[index])
         t = torch.randint(len(alphas_cumprod), (settings.unet_batch,), generator=generator)
         noise = torch.randn(latents[index].shape, generator=generator)
-        z_t = add_noise(latents[index], alphas_cumprod[t].view(-1, 1, 1, 1), noise)
-        hidden = text_encoder(token_ids[which])[0]
-        loss = ((unet(z_t, t, encoder_hidden_states=hidden).sample - noise) ** 2).mean()
+        z_t = add_noise(latents[index], alphas_cumprod[t].view(-1, 1, 1, 1), noise).to(device)
+        hidden = text_encoder(token_ids[which.to(device)])[0]
+        loss = ((unet(z_t, t.to(device), encoder_hidden_states=hidden).sample - noise.to(device)) ** 2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -242,15 +251,17 @@ def train_clip(model: Any, images: np.ndarray, labels: np.ndarray, settings: Tra
     torch.manual_seed(settings.seed + 3)
     rng = np.random.default_rng(settings.seed + 3)
     tokenize = open_clip.get_tokenizer("ViT-B-32")  # CLIP's BPE with 77-token context, as the model's
+    device = torch.device(settings.device)
+    model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     model.train()
     for step in range(settings.clip_steps):
         _set_lr(optimizer, _cosine_lr(step, settings.clip_steps, 1e-3))
         pixels, captions = _clip_batch(images, labels, settings.clip_batch, rng)
-        image_features = F.normalize(model.encode_image(pixels), dim=-1)
-        text_features = F.normalize(model.encode_text(tokenize(captions)), dim=-1)
+        image_features = F.normalize(model.encode_image(pixels.to(device)), dim=-1)
+        text_features = F.normalize(model.encode_text(tokenize(captions).to(device)), dim=-1)
         logits = model.logit_scale.exp().clamp(max=100) * image_features @ text_features.T
-        same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32)
+        same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32, device=device)
         targets = same / same.sum(dim=1, keepdim=True)
         loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
         optimizer.zero_grad(set_to_none=True)
@@ -273,9 +284,11 @@ def clip_zero_shot(model: Any, seed: int, n: int = 300) -> dict[str, float]:
     names = [BACKGROUND_WORD, *CLASSES]
     single = [i for i, c in enumerate(captions) if " and " not in c]
     truth = torch.tensor([names.index(captions[i].removeprefix("a photo of a ")) for i in single])
+    device = next(model.parameters()).device
+    tokens = open_clip.get_tokenizer("ViT-B-32")([caption([c]) for c in names]).to(device)
     with torch.no_grad():
-        text = F.normalize(model.encode_text(open_clip.get_tokenizer("ViT-B-32")([caption([c]) for c in names])), -1)
-        predicted = (F.normalize(model.encode_image(pixels[single]), dim=-1) @ text.T).argmax(dim=1)
+        text = F.normalize(model.encode_text(tokens), -1)
+        predicted = (F.normalize(model.encode_image(pixels[single].to(device)), dim=-1) @ text.T).argmax(dim=1).cpu()
     return {"clip_zero_shot_accuracy": float((predicted == truth).float().mean()), "clip_zero_shot_crops": len(single)}
 
 
@@ -290,7 +303,7 @@ def save_diffusion(out: Path, vae: Any, unet: Any, text_encoder: Any, tokenizer:
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=sd_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    pipe.to("cpu").to(torch.float16).save_pretrained(out, safe_serialization=True)
 
 
 def save_clip(out: Path, model: Any) -> None:
@@ -301,13 +314,13 @@ def save_clip(out: Path, model: Any) -> None:
     (out / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
     # float32: open_clip resizes position embeddings (geometry=whole) in the checkpoint's dtype, which
     # fails for float16 on a CPU
-    state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / "open_clip_model.safetensors"))
 
 
 # ----- the whole run -----------------------------------------------------------------------------
 
-def _clip_stage(out: Path, settings: TrainSettings, threads: int) -> dict[str, Any]:
+def _clip_stage(out: Path, settings: TrainSettings, threads: int, report: Report | None = None) -> dict[str, Any]:
     """Stage 3 alone (it needs no other stage): build, train and save the CLIP; returns its figures."""
     import torch
 
@@ -317,7 +330,7 @@ def _clip_stage(out: Path, settings: TrainSettings, threads: int) -> dict[str, A
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
         clip = build_clip()
-    figures = train_clip(clip, images, labels, settings, lambda *args: None)
+    figures = train_clip(clip, images, labels, settings, report or (lambda *args: None))
     save_clip(out / "clip", clip)
     return {**figures, "clip_seconds": time.perf_counter() - start}
 
@@ -364,7 +377,7 @@ def train_toy(out: Path, settings: TrainSettings, report: Report, threads: int |
 
     start = time.perf_counter()
     cores = threads or os.cpu_count() or 1
-    parallel = cores >= 2
+    parallel = cores >= 2 and settings.device == "cpu"  # on a GPU the stages simply run one after the other
     own = max(1, cores // 2) if parallel else cores
     torch.set_num_threads(own)
     log: dict[str, Any] = {"settings": asdict(settings),
@@ -402,7 +415,7 @@ def train_toy(out: Path, settings: TrainSettings, report: Report, threads: int |
         report("clip", 0, settings.clip_steps, {})
         clip_log = _wait_for(child, queue)
     else:
-        clip_log = _clip_stage(out, settings, own)
+        clip_log = _clip_stage(out, settings, own, report)
     log["seconds"]["clip"] = clip_log.pop("clip_seconds")
     log.update(clip_log)
     log["seconds"]["total"] = time.perf_counter() - start
