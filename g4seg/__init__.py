@@ -13,7 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["RefineConfig", "RefineResult", "Refiner", "__version__"]
+# the plugin API: hook names and signatures, ComponentSpec, Options, Runtime and the component protocols;
+# raised when one of them changes incompatibly (docs/plugins.md)
+PLUGIN_API = 1
+__all__ = ["PLUGIN_API", "RefineConfig", "RefineResult", "Refiner", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

@@ -4,6 +4,11 @@ Built-in modules are registered as default plugins; third-party ones come from t
 entry-point group. Loading is fail-soft: a plugin that fails to import or to register is recorded in
 :data:`LoadReport.broken` (and printed to stderr) while the rest keeps working, unless
 ``G4SEG_STRICT_PLUGINS=1``.
+
+``G4SEG_LOAD_PLUGINS`` pins the third-party plugins (as the ``llm`` CLI's ``LLM_LOAD_PLUGINS``): a
+comma-separated list of distribution names; set but empty loads none. Built-ins always load. A
+plugin module may declare ``G4SEG_PLUGIN_API = N``, the plugin API it was written against; when it
+differs from :data:`g4seg.PLUGIN_API` the plugin is reported broken with both numbers and not loaded.
 """
 
 from __future__ import annotations
@@ -18,11 +23,14 @@ from typing import Any
 
 import pluggy
 
-from g4seg import hookspecs
+from g4seg import PLUGIN_API, hookspecs
+from g4seg import __version__ as PACKAGE_VERSION
 from g4seg.errors import PluginError
 from g4seg.registry import KINDS, ComponentSpec, Registry
 
 ENTRY_POINT_GROUP = "g4seg"
+ALLOW_LIST_VARIABLE = "G4SEG_LOAD_PLUGINS"
+API_ATTRIBUTE = "G4SEG_PLUGIN_API"
 
 BUILTIN_MODULES = (
     "g4seg.builtin.backbone_sd",
@@ -52,10 +60,33 @@ HOOK_FOR_KIND = {
 
 @dataclass
 class LoadReport:
-    """What got loaded: plugin name -> origin ("builtin" or the distribution), and the failures."""
+    """What got loaded: plugin name -> origin ("builtin" or the distribution), its version and hooks; the
+    failures, and the plugins left out by ``G4SEG_LOAD_PLUGINS`` (name -> distribution)."""
 
     plugins: dict[str, str] = field(default_factory=dict)
     broken: dict[str, str] = field(default_factory=dict)
+    versions: dict[str, str | None] = field(default_factory=dict)
+    hooks: dict[str, list[str]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _normalise(name: str) -> str:
+    """Distribution names compare as pip compares them: case, '-', '_' and '.' do not matter."""
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def allow_list() -> set[str] | None:
+    """The distributions ``G4SEG_LOAD_PLUGINS`` allows; None when the variable is not set."""
+    value = os.environ.get(ALLOW_LIST_VARIABLE)
+    if value is None:
+        return None
+    return {_normalise(part.strip()) for part in value.split(",") if part.strip()}
+
+
+def _check_api(module: Any) -> None:
+    wanted = getattr(module, API_ATTRIBUTE, None)
+    if wanted is not None and wanted != PLUGIN_API:
+        raise PluginError(f"written for g4seg plugin API {wanted}, but this g4seg provides plugin API {PLUGIN_API}")
 
 
 def strict() -> bool:
@@ -77,18 +108,27 @@ def _manager(report: LoadReport) -> pluggy.PluginManager:
         short = module_name.rsplit(".", 1)[1]
         try:
             pm.register(importlib.import_module(module_name), name=short)
-            report.plugins[short] = "builtin"
+            report.plugins[short], report.versions[short] = "builtin", PACKAGE_VERSION
         except Exception as exc:  # noqa: BLE001 - a broken built-in is reported like any plugin
             _fail(report, short, exc)
+    allowed = allow_list()
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if pm.has_plugin(ep.name):
             continue
+        dist = ep.dist.name if ep.dist else "unknown"
+        if allowed is not None and _normalise(dist) not in allowed:
+            report.skipped[ep.name] = dist
+            continue
         try:
-            pm.register(ep.load(), name=ep.name)
-            dist = ep.dist.name if ep.dist else "unknown"
+            module = ep.load()
+            _check_api(module)
+            pm.register(module, name=ep.name)
             report.plugins[ep.name] = dist
+            report.versions[ep.name] = ep.dist.version if ep.dist else None
         except Exception as exc:  # noqa: BLE001
             _fail(report, ep.name, exc)
+    for name in report.plugins:
+        report.hooks[name] = sorted(caller.name for caller in pm.get_hookcallers(pm.get_plugin(name)) or [])
     return pm
 
 

@@ -336,6 +336,14 @@ def _versions() -> dict[str, str | None]:
     return found
 
 
+def _plugins() -> dict[str, dict[str, str | None]]:
+    """Every plugin that was loaded (built-ins included), with its origin and version."""
+    from g4seg.plugins import load
+
+    report = load()[1]
+    return {name: {"origin": origin, "version": report.versions.get(name)} for name, origin in report.plugins.items()}
+
+
 def _device_name(device: str) -> str:
     if not device.startswith("cuda"):
         return device
@@ -356,6 +364,7 @@ def _write_config(out_dir: Path, config: RefineConfig, classes: list[str], ident
         "world_size": shard.world_size,
         "python": platform.python_version(),
         "versions": _versions(),
+        "plugins": _plugins(),
     }
     io.atomic_write_bytes(out_dir / CONFIG_FILE, (json.dumps(record, indent=2) + "\n").encode())
 

@@ -125,3 +125,69 @@ def test_g4seg_plugins_lists_a_broken_plugin_and_still_works(fresh_load, monkeyp
     assert any(p["name"] == "backbone_sd" for p in listed["plugins"])
     table = CliRunner().invoke(app, ["plugins"])
     assert table.exit_code == 0 and "failed" in table.stdout
+
+
+class _FakeEntryPoint:
+    """An installed entry point of distribution ``dist`` (version ``version``) whose module is ``module``."""
+
+    def __init__(self, name: str, module: types.ModuleType, dist: str, version: str = "1.0") -> None:
+        self.name, self._module = name, module
+        self.dist = types.SimpleNamespace(name=dist, version=version)
+
+    def load(self) -> types.ModuleType:
+        return self._module
+
+
+def test_the_allow_list_pins_third_party_plugins(fresh_load, monkeypatch):
+    """G4SEG_LOAD_PLUGINS: only the named distributions (compared as pip compares names); empty = none;
+    unset = all; built-ins always."""
+    a = _FakeEntryPoint("a", _plugin("a", _spec("feat-a")), "pkg-a")
+    b = _FakeEntryPoint("b", _plugin("b", _spec("feat-b")), "pkg_b")
+    monkeypatch.setenv("G4SEG_LOAD_PLUGINS", " PKG_A ")
+    registry, report = fresh_load(a, b)
+    assert "a" in report.plugins and report.skipped == {"b": "pkg_b"}
+    assert [s.name for s in registry.list("extractor", "feat-*")] == ["feat-a"]
+    assert "backbone_sd" in report.plugins
+    monkeypatch.setenv("G4SEG_LOAD_PLUGINS", "")
+    registry, report = fresh_load(a, b)
+    assert report.skipped == {"a": "pkg-a", "b": "pkg_b"} and not registry.list("extractor", "feat-*")
+    assert "toy" in report.plugins
+    monkeypatch.delenv("G4SEG_LOAD_PLUGINS")
+    registry, report = fresh_load(a, b)
+    assert not report.skipped and len(registry.list("extractor", "feat-*")) == 2
+
+
+def test_a_plugin_for_another_api_is_broken_with_both_numbers(fresh_load, monkeypatch):
+    from g4seg import PLUGIN_API
+
+    monkeypatch.delenv("G4SEG_STRICT_PLUGINS", raising=False)
+    monkeypatch.delenv("G4SEG_LOAD_PLUGINS", raising=False)
+    future, current = _plugin("future", _spec("feat-future")), _plugin("current", _spec("feat-current"))
+    future.G4SEG_PLUGIN_API, current.G4SEG_PLUGIN_API = PLUGIN_API + 1, PLUGIN_API
+    registry, report = fresh_load(_FakeEntryPoint("future", future, "pkg-future"),
+                                  _FakeEntryPoint("current", current, "pkg-current"))
+    message = report.broken["future"]
+    assert f"plugin API {PLUGIN_API + 1}" in message and f"plugin API {PLUGIN_API}" in message
+    assert "future" not in report.plugins and not registry.list("extractor", "feat-future")
+    assert registry.get("extractor", "feat-current").plugin == "current"
+
+
+def test_plugins_json_shows_origin_version_hooks_and_status(fresh_load, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from g4seg import PLUGIN_API
+    from g4seg.cli import app
+
+    monkeypatch.delenv("G4SEG_STRICT_PLUGINS", raising=False)
+    monkeypatch.setenv("G4SEG_LOAD_PLUGINS", "pkg-a")
+    fresh_load(_FakeEntryPoint("a", _plugin("a", _spec("feat-a")), "pkg-a", "2.3"),
+               _FakeEntryPoint("b", _plugin("b", _spec("feat-b")), "pkg-b"))
+    listed = json.loads(CliRunner().invoke(app, ["plugins", "--json"]).stdout)
+    rows = {row["name"]: row for row in listed["plugins"]}
+    assert listed["plugin_api"] == PLUGIN_API
+    assert rows["a"] == {"name": "a", "origin": "pkg-a", "version": "2.3", "hooks": ["register_extractors"],
+                         "status": "loaded", "components": ["extractor:feat-a"]}
+    assert rows["b"]["status"].startswith("skipped") and rows["b"]["origin"] == "pkg-b"
+    assert rows["backbone_sd"]["origin"] == "builtin" and rows["backbone_sd"]["hooks"] == ["register_backbones"]

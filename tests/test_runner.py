@@ -143,7 +143,18 @@ def test_outputs_manifest_and_resolved_config(fakes, tmp_path):
     assert record["device"] == "cpu" and record["seed"] == 0 and record["world_size"] == 1
     assert record["config"]["timestep"] == 400 and record["classes"] == CLASSES
     assert record["versions"]["torch"] and record["versions"]["g4seg"]
+    # every plugin that was loaded, with its origin and version (a run is reproducible only with them)
+    assert set(record["plugins"]) == set(plugins.load()[1].plugins)
     assert not list(out.rglob("*.tmp"))
+
+
+def test_config_json_records_every_loaded_plugin_with_its_version():
+    from g4seg import __version__
+    from g4seg.runner import _plugins
+
+    recorded = _plugins()
+    assert recorded["backbone_sd"] == {"origin": "builtin", "version": __version__}
+    assert set(recorded) == set(plugins.load()[1].plugins)
 
 
 def test_rerun_skips_done_images_without_building_a_refiner(fakes, tmp_path):

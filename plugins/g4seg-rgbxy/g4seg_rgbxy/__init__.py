@@ -18,6 +18,8 @@ from g4seg.registry import ComponentSpec, Options, Runtime
 if TYPE_CHECKING:
     import torch
 
+G4SEG_PLUGIN_API = 1  # the g4seg plugin API this plugin was written against (docs/plugins.md)
+
 
 class RgbxyOptions(Options):
     """Patch side in pixels and the weight of the position channels."""
