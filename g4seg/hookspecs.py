@@ -1,15 +1,19 @@
 """The pluggy hook specifications: one ``register_*`` hook per component kind.
 
-Each hook receives a ``register`` callback taking a :class:`g4seg.registry.ComponentSpec`.
+Each component hook receives a ``register`` callback taking a :class:`g4seg.registry.ComponentSpec`;
+``register_commands`` receives the Typer app.
 Built-in components use exactly these hooks (see :mod:`g4seg.plugins`), as do third parties
 through the ``g4seg`` entry-point group.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import pluggy
+
+if TYPE_CHECKING:
+    import typer
 
 hookspec = pluggy.HookspecMarker("g4seg")
 hookimpl = pluggy.HookimplMarker("g4seg")
@@ -45,3 +49,8 @@ def register_postprocessors(register: Register) -> None:
 @hookspec
 def register_datasets(register: Register) -> None:
     """Register dataset layouts (image list, labels, class names) for dataset runs and evaluation."""
+
+
+@hookspec
+def register_commands(app: "typer.Typer") -> None:
+    """Add subcommands to the ``g4seg`` command line (``@app.command()``); called once when the CLI starts."""

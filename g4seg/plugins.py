@@ -68,6 +68,7 @@ class LoadReport:
     versions: dict[str, str | None] = field(default_factory=dict)
     hooks: dict[str, list[str]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    manager: pluggy.PluginManager | None = field(default=None, repr=False)  # for the command hook
 
 
 def _normalise(name: str) -> str:
@@ -161,7 +162,23 @@ def _collect(pm: pluggy.PluginManager, report: LoadReport) -> Registry:
 def load() -> tuple[Registry, LoadReport]:
     """Load every plugin once per process and return the registry with its load report."""
     report = LoadReport()
-    return _collect(_manager(report), report), report
+    report.manager = _manager(report)
+    return _collect(report.manager, report), report
+
+
+def register_commands(app: Any) -> None:
+    """Let every plugin add its commands to ``app``; a plugin whose hook fails is reported like any broken
+    plugin (its commands may be missing) and the others' commands stay."""
+    report = load()[1]
+    pm = report.manager
+    if pm is None:
+        return
+    for impl in reversed(pm.hook.register_commands.get_hookimpls()):
+        name = pm.get_name(impl.plugin) or "?"
+        try:
+            impl.function(app=app)
+        except Exception as exc:  # noqa: BLE001 - fail-soft, as component registration
+            _fail(report, name, exc)
 
 
 def registry() -> Registry:

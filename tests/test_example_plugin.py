@@ -65,3 +65,32 @@ def test_bad_input_and_options():
         rgbxy(patch_size=8)(torch.zeros(1, 3, 4, 4))
     with pytest.raises(G4SegError, match="invalid options"):
         rgbxy(patch_size=0)
+
+
+def test_the_plugin_command_uses_its_extractor(tmp_path):
+    """``g4seg rgbxy``: a 32x48 image of 16 px patches (2x3 grid, red centre (1, 1), another red patch far
+    away); the patch most like the centre is computed here from the features' definition (colour - 0.5,
+    position in [-1, 1], L2-normalised) and must be the one the command names, with its cosine."""
+    import numpy as np
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from g4seg.cli import app
+
+    pixels = np.full((32, 48, 3), 128, dtype=np.uint8)
+    pixels[16:, 16:32] = (255, 0, 0)  # centre patch (1, 1): red
+    pixels[:16, 32:] = (255, 0, 0)  # patch (0, 2): red too
+    Image.fromarray(pixels).save(tmp_path / "img.png")
+    result = CliRunner().invoke(app, ["rgbxy", str(tmp_path / "img.png"), "--patch-size", "16"])
+    assert result.exit_code == 0, result.output
+
+    def feature(y, x):
+        colour = pixels[y * 16, x * 16] / 255 - 0.5
+        vector = np.r_[colour, (x + 0.5) / 3 * 2 - 1, (y + 0.5) / 2 * 2 - 1]
+        return vector / np.linalg.norm(vector)
+
+    centre = feature(1, 1)
+    scores = {(y, x): float(feature(y, x) @ centre) for y in range(2) for x in range(3) if (y, x) != (1, 1)}
+    best = max(scores, key=scores.get)
+    assert f"is {best}, cosine {scores[best]:.3f}" in result.output
+    assert result.output.startswith("2x3 patches of 16 px")

@@ -191,3 +191,37 @@ def test_plugins_json_shows_origin_version_hooks_and_status(fresh_load, monkeypa
                          "status": "loaded", "components": ["extractor:feat-a"]}
     assert rows["b"]["status"].startswith("skipped") and rows["b"]["origin"] == "pkg-b"
     assert rows["backbone_sd"]["origin"] == "builtin" and rows["backbone_sd"]["hooks"] == ["register_backbones"]
+
+
+def test_plugins_add_commands_and_a_broken_command_plugin_is_reported(fresh_load, monkeypatch):
+    import typer
+    from typer.testing import CliRunner
+
+    monkeypatch.delenv("G4SEG_STRICT_PLUGINS", raising=False)
+    monkeypatch.delenv("G4SEG_LOAD_PLUGINS", raising=False)
+    good, bad = types.ModuleType("good"), types.ModuleType("bad")
+
+    @hookimpl
+    def good_commands(app):
+        @app.command("hello")
+        def hello(name: str = "world") -> None:
+            typer.echo(f"hello {name}")
+
+    @hookimpl
+    def bad_commands(app):
+        raise RuntimeError("cannot build my command")
+
+    good.register_commands, bad.register_commands = good_commands, bad_commands
+    _, report = fresh_load(_FakeEntryPoint("good", good, "pkg-good"), _FakeEntryPoint("bad", bad, "pkg-bad"))
+    app = typer.Typer()
+
+    @app.command("other")
+    def other() -> None:
+        typer.echo("other works")
+
+    plugins.register_commands(app)
+    assert report.broken["bad"] == "RuntimeError: cannot build my command"
+    assert report.hooks["good"] == ["register_commands"]
+    runner = CliRunner()
+    assert runner.invoke(app, ["hello", "--name", "g4seg"]).output == "hello g4seg\n"
+    assert runner.invoke(app, ["other"]).output == "other works\n"

@@ -115,6 +115,12 @@ def _register() -> None:
     for name, command in toy_commands():
         toy_app.command(name)(user_errors(command))
     app.add_typer(toy_app)
+    from g4seg.plugins import register_commands
+
+    before = len(app.registered_commands)
+    register_commands(app)  # third-party commands (hook register_commands), fail-soft
+    for info in app.registered_commands[before:]:  # their errors are one line too
+        info.callback = user_errors(info.callback)
 
 
 _register()

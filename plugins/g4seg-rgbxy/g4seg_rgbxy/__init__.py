@@ -61,3 +61,35 @@ def register_extractors(register):
     register(ComponentSpec(kind="extractor", name="rgbxy", factory=_build, options=RgbxyOptions,
                            tags=frozenset({"features:dense"}),
                            description="per-patch mean colour + position (example third-party plugin)"))
+
+
+@hookimpl
+def register_commands(app):
+    """``g4seg rgbxy IMAGE``: the patch grid of an image through this plugin's own extractor, and the
+    patch most like its centre patch (a small example of a plugin command)."""
+    import typer
+
+    @app.command("rgbxy")
+    def rgbxy_command(
+        image: str = typer.Argument(..., help="An image file."),
+        patch_size: int = typer.Option(16, "--patch-size", min=1, help="Patch side in pixels."),
+        position_weight: float = typer.Option(1.0, "--position-weight", min=0.0, help="Weight of x, y."),
+    ) -> None:
+        """Per-patch colour + position features of IMAGE (example plugin command)."""
+        from pathlib import Path
+
+        import torch
+
+        from g4seg.io import load_image
+
+        pixels = torch.from_numpy(load_image(Path(image))).permute(2, 0, 1)[None].float() / 255
+        extractor = RgbxyExtractor(RgbxyOptions(patch_size=patch_size, position_weight=position_weight))
+        features = extractor(pixels)[0]
+        h, w = features.shape[-2:]
+        flat = features.flatten(1)
+        centre = (h // 2) * w + w // 2
+        similarity = flat.T @ flat[:, centre]
+        similarity[centre] = -2.0
+        best = int(similarity.argmax())
+        typer.echo(f"{h}x{w} patches of {patch_size} px; the patch most like the centre ({h // 2}, {w // 2}) "
+                   f"is ({best // w}, {best % w}), cosine {float(similarity[best]):.3f}")
