@@ -163,6 +163,11 @@ def merge_pow(probs: np.ndarray, power: float) -> np.ndarray:
 
 # ----- hard inputs -------------------------------------------------------------------------------
 
+def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(K, H, W) float32 0/1 maps of classes 1..K of a label map (0 background; other values in no map)."""
+    return (labels[None] == np.arange(1, num_classes + 1)[:, None, None]).astype(np.float32)
+
+
 def is_hard(probs: np.ndarray, background: np.ndarray | None = None) -> bool:
     """True when every value (background channel included) is exactly 0 or 1."""
     hard = bool(np.isin(probs, (0.0, 1.0)).all())

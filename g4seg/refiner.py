@@ -60,8 +60,10 @@ class RefineResult:
 NO_GUIDANCE_TAG = "guidance:embedded"  # backbones (LCM) that cannot run classifier-free guidance
 
 
-def _image_tensor(image: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
+def model_input(images: np.ndarray, size: int) -> torch.Tensor:
+    """(B, H, W, 3) uint8 images -> (B, 3, size, size) in [0, 1]: bilinear with antialiasing, the model input."""
+    pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    return F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
 
 
 class Refiner:
@@ -166,8 +168,7 @@ class Refiner:
     def _refine_active(self, image: np.ndarray, refined: torch.Tensor, coarse: torch.Tensor, classes: list[str],
                        active: list[int], generated: dict[str, np.ndarray], matches: dict[str, np.ndarray]) -> None:
         bb, cfg, size = self.backbone, self.config, self.resolution
-        pixels = F.interpolate(_image_tensor(image), size=(size, size), mode="bilinear", antialias=True,
-                               align_corners=False).clamp(0, 1)
+        pixels = model_input(image[None], size)
         original_features = self.extractor(pixels.to(bb.device))[0].float().cpu()
         compared = self._compared(pixels, original_features, coarse, classes)
         for start in range(0, len(active), cfg.class_batch):

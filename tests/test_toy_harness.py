@@ -85,11 +85,10 @@ def test_a_foreign_class_file_and_bad_export_settings_are_one_line_errors(export
 
 
 def test_one_hot_is_read_back_as_the_label_map():
-    from g4seg.masks import hard_labels
-    from g4seg.toy.harness import one_hot
+    from g4seg.masks import hard_labels, one_hot
 
     labels = make_scene(SEEDS[0]).labels
-    probs = one_hot(labels)
+    probs = one_hot(labels, len(CLASSES))
     assert probs.shape == (len(CLASSES), *labels.shape) and set(np.unique(probs)) <= {0.0, 1.0}
     assert np.array_equal(hard_labels(probs), labels)
 

@@ -34,7 +34,7 @@ from g4seg.checks import CHEAP_CHECK_TAG  # building is cheap and check() needs 
 from g4seg.components import CoarseMask
 from g4seg.errors import G4SegError
 from g4seg.hookspecs import hookimpl
-from g4seg.masks import IGNORE_LABEL
+from g4seg.masks import IGNORE_LABEL, one_hot
 from g4seg.registry import ComponentSpec, Options, Runtime
 
 ARRAY_SUFFIXES = (".npy", ".npz")
@@ -200,7 +200,7 @@ def _labels_to_probs(path: Path, labels: np.ndarray, classes: list[str]) -> tupl
     if outside:
         raise G4SegError(f"mask {path} has values {_list(outside)} outside the class list (K={k}: 0 = background, "
                          f"1..{k} = classes, {IGNORE_LABEL} = ignore)")
-    probs = (labels[None] == np.arange(1, k + 1)[:, None, None]).astype(np.float32)
+    probs = one_hot(labels, k)
     ignore = labels == IGNORE_LABEL
     return probs, ignore if ignore.any() else None
 

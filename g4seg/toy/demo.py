@@ -57,12 +57,13 @@ def ious(pred: np.ndarray, truth: np.ndarray, names: list[str]) -> dict[str, flo
 def run_demo(out: Path, device: str = "auto", **settings: Any) -> DemoResult:
     """Refine the shipped scene's coarse mask; write ``out/demo.png`` and ``out/refined.png``."""
     from g4seg.io import save_label_png
+    from g4seg.masks import one_hot
     from g4seg.refiner import Refiner
 
     image, truth, coarse, _ = load_scene()
     present = [k for k in range(1, NUM_CLASSES) if (truth == k).any() or (coarse == k).any()]
     names = [CLASSES[k - 1] for k in present]
-    probs = np.stack([(coarse == k).astype(np.float32) for k in present])
+    probs = one_hot(coarse, NUM_CLASSES - 1)[[k - 1 for k in present]]
     refiner = Refiner.from_names(backbone="toy", injector="attn", extractor="toy-clip", device=device, **settings)
     result = refiner.refine(image, probs, names, return_generated=True, return_correspondence=True)
     # back to toy class ids (the refiner numbers the given classes 1..K)

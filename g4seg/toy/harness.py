@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from g4seg.errors import G4SegError
+from g4seg.masks import one_hot
 from g4seg.metrics import Areas, bootstrap_gain, image_iou, intersect_and_union, mean_iou
 from g4seg.toy.perturb import perturb
 from g4seg.toy.scenes import CLASSES, make_scene
@@ -51,11 +52,6 @@ def held_out_seeds(n: int, start: int = HELD_OUT_SEEDS_START) -> list[int]:
         raise G4SegError(f"--seed-start must be >= {HELD_OUT_SEEDS_START} (held-out scenes; training uses seeds "
                          f"below it), got {start}")
     return list(range(start, start + n))
-
-
-def one_hot(labels: np.ndarray, num_classes: int = len(CLASSES)) -> np.ndarray:
-    """(K, H, W) float32 0/1 maps of classes 1..K: what the ``file`` mask source makes of a label PNG."""
-    return (labels[None] == np.arange(1, num_classes + 1, dtype=labels.dtype)[:, None, None]).astype(np.float32)
 
 
 class MemoExtractor:
@@ -132,7 +128,7 @@ def run_harness(refiner: "Refiner", seeds: Sequence[int], perturbations: Sequenc
         scene = make_scene(seed)
         for name in perturbations:
             coarse = perturb(scene.labels, name, seed)
-            probs = one_hot(coarse)
+            probs = one_hot(coarse, len(CLASSES))  # what the ``file`` mask source makes of a label PNG
             run.coarse[name].append(intersect_and_union(coarse, scene.labels, NUM_CLASSES))
             panel = Panel(seed, name, scene.image, scene.labels, coarse, {}, {}) if i < pictures else None
             for generator, r in refiners.items():

@@ -128,13 +128,9 @@ def build_parts(config: "RefineConfig") -> Parts:
 
 def pixels_of(scenes: Sequence[Scene], size: int) -> "torch.Tensor":
     """(B, 3, size, size) in [0, 1], resized as the refiner resizes its input."""
-    import torch
-    import torch.nn.functional as F
+    from g4seg.refiner import model_input
 
-    x = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 255
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
-    return x
+    return model_input(np.stack([s.image for s in scenes]), size)
 
 
 def one_step(parts: Parts, pixels: "torch.Tensor", prompts: list[str], injector: "Injector | None" = None,
@@ -323,7 +319,8 @@ def correspondence_rates(parts: Parts, seeds: list[int], scenes: list[Scene]) ->
     import torch
 
     from g4seg import correspondence, masks
-    from g4seg.toy.harness import one_hot, with_generators
+    from g4seg.masks import one_hot
+    from g4seg.toy.harness import with_generators
 
     cfg = parts.config
     lo, hi = cfg.cf
@@ -335,7 +332,7 @@ def correspondence_rates(parts: Parts, seeds: list[int], scenes: list[Scene]) ->
         labels = s.labels
         share = np.bincount(labels.ravel(), minlength=len(CLASSES) + 1) / labels.size
         ramps = masks.ramp(labels, len(CLASSES), masks.ramp_pixels(cfg.ramp_width, labels.shape))
-        results = {g: refiners[g].refine(s.image, one_hot(labels), CLASSES, return_correspondence=True)
+        results = {g: refiners[g].refine(s.image, one_hot(labels, len(CLASSES)), CLASSES, return_correspondence=True)
                    for g in hits}
         for name in results["model"].correspondence:
             k = CLASSES.index(name)
