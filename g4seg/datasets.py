@@ -31,13 +31,13 @@ class DatasetOptions(Options):
     split: str = Field("val", description="which split to read")
 
 
-def read_class_file(name: str) -> list[list[str]]:
-    """Synonym lists from ``g4seg/data/<name>``: one class per line, comma-separated, '#' comments.
+def read_class_file(name: str, package: str = "g4seg") -> list[list[str]]:
+    """Synonym lists from ``<package>/data/<name>``: one class per line, comma-separated, '#' comments.
 
     The first synonym of a line is the class name used in prompts and tables; the rest are kept so a
-    mask source can match other spellings.
+    mask source can match other spellings. A dataset plugin ships its class file in its own package.
     """
-    text = resources.files("g4seg").joinpath("data", name).read_text(encoding="utf-8")
+    text = resources.files(package).joinpath("data", name).read_text(encoding="utf-8")
     synonyms = []
     for line in text.splitlines():
         line = line.strip()
@@ -91,11 +91,13 @@ class SegDataset:
     """A dataset split laid out on disk: ids, image and label paths, the layout check, labels.
 
     Subclasses set ``name``, ``class_file``, ``has_background`` and ``layouts`` (split -> Layout), and
-    override :meth:`_convert_label` when the files differ from g4seg's label convention.
+    override :meth:`_convert_label` when the files differ from g4seg's label convention. ``class_file``
+    is read from ``<class_package>/data/``: g4seg's own for the built-ins, a plugin's package for its own.
     """
 
     name: str = ""
     class_file: str = ""
+    class_package: str = "g4seg"
     has_background: bool = True
     layouts: dict[str, Layout] = {}
 
@@ -103,7 +105,7 @@ class SegDataset:
         self.root = Path(root).expanduser()
         self.split = split
         self.layout = self.layouts[split]
-        self.synonyms = read_class_file(self.class_file)
+        self.synonyms = read_class_file(self.class_file, self.class_package)
         self.classes = [names[0] for names in self.synonyms]
         self._ids: list[str] | None = None
 

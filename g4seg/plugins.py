@@ -166,18 +166,34 @@ def load() -> tuple[Registry, LoadReport]:
     return _collect(report.manager, report), report
 
 
+def _command_callbacks(app: Any, commands: int, groups: int) -> list[Any]:
+    """The callbacks of the commands (and of the commands of groups) added to ``app`` after the first
+    ``commands`` commands and ``groups`` groups."""
+    callbacks = [info.callback for info in app.registered_commands[commands:]]
+    for group in app.registered_groups[groups:]:
+        callbacks += _command_callbacks(group.typer_instance, 0, 0) if group.typer_instance else []
+    return callbacks
+
+
 def register_commands(app: Any) -> None:
-    """Let every plugin add its commands to ``app``; a plugin whose hook fails is reported like any broken
-    plugin (its commands may be missing) and the others' commands stay."""
+    """Let every plugin add its commands to ``app``; a plugin whose hook fails, or one of whose commands
+    Typer cannot read (say, an annotation naming something not imported), is reported like any broken
+    plugin and its commands are taken out again, so the rest of the command line keeps working."""
+    from typer.utils import get_params_from_function
+
     report = load()[1]
     pm = report.manager
     if pm is None:
         return
     for impl in reversed(pm.hook.register_commands.get_hookimpls()):
         name = pm.get_name(impl.plugin) or "?"
+        commands, groups = len(app.registered_commands), len(app.registered_groups)
         try:
             impl.function(app=app)
+            for callback in _command_callbacks(app, commands, groups):
+                get_params_from_function(callback)  # what Typer does when it builds the command line
         except Exception as exc:  # noqa: BLE001 - fail-soft, as component registration
+            del app.registered_commands[commands:], app.registered_groups[groups:]
             _fail(report, name, exc)
 
 

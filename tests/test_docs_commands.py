@@ -140,9 +140,11 @@ def doc_commands(path: Path) -> list[DocCommand]:
             marked = any(NOT_BUILT in part for _, part in touched)
             for command in _segments(match.group(1), inline=True):
                 commands.append(DocCommand(f"{rel}:{touched[0][0]}", command, marked, inline=True))
-    # a page that writes a plugin (ComponentSpec(..., name="edges") in a python block) may use it
+    # a page that writes a plugin (ComponentSpec(..., name="edges") in a python block, or
+    # `g4seg plugins new edges --kind ...`) may use it
     python = "\n".join(re.findall(r"```python\n(.*?)```", path.read_text(), re.S))
-    defines = frozenset(re.findall(r'ComponentSpec\([^)]*?name="([^"]+)"', python, re.S))
+    defines = frozenset(re.findall(r'ComponentSpec\([^)]*?name="([^"]+)"', python, re.S)
+                        + re.findall(r"g4seg plugins new ([a-z][a-z0-9-]*) --kind", path.read_text()))
     return [replace(c, defines=defines) for c in commands]
 
 

@@ -225,3 +225,43 @@ def test_plugins_add_commands_and_a_broken_command_plugin_is_reported(fresh_load
     runner = CliRunner()
     assert runner.invoke(app, ["hello", "--name", "g4seg"]).output == "hello g4seg\n"
     assert runner.invoke(app, ["other"]).output == "other works\n"
+
+
+def test_a_command_typer_cannot_read_is_taken_out_and_reported(fresh_load, monkeypatch):
+    """An annotation naming something the plugin module never imported fails only when Typer builds the
+    command line (for every command); register_commands tries that per plugin and takes the plugin's
+    commands (and groups) out again, so the other commands keep working."""
+    import typer
+    from typer.testing import CliRunner
+
+    monkeypatch.delenv("G4SEG_STRICT_PLUGINS", raising=False)
+    monkeypatch.delenv("G4SEG_LOAD_PLUGINS", raising=False)
+    sloppy = types.ModuleType("sloppy")
+
+    @hookimpl
+    def sloppy_commands(app):
+        @app.command("fine-first")
+        def fine_first() -> None:
+            typer.echo("never reachable")
+
+        group = typer.Typer()
+
+        @group.command("inner")
+        def inner(paths: "NotImported") -> None:  # noqa: F821 - the mistake under test
+            typer.echo("unreachable")
+
+        app.add_typer(group, name="sloppy-group")
+
+    sloppy.register_commands = sloppy_commands
+    _, report = fresh_load(_FakeEntryPoint("sloppy", sloppy, "pkg-sloppy"))
+    app = typer.Typer()
+    app.callback()(lambda: None)  # a group, as g4seg's app, even with one command left
+
+    @app.command("other")
+    def other() -> None:
+        typer.echo("other works")
+
+    plugins.register_commands(app)
+    assert report.broken["sloppy"] == "NameError: name 'NotImported' is not defined"
+    assert [info.name for info in app.registered_commands] == ["other"] and not app.registered_groups
+    assert CliRunner().invoke(app, ["other"]).output == "other works\n"

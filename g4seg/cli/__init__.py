@@ -95,14 +95,14 @@ def _register() -> None:
     from g4seg.cli.ablate import ablate_command
     from g4seg.cli.doctor import doctor_command
     from g4seg.cli.eval import eval_command
-    from g4seg.cli.listing import compat_command, list_command, plugins_command
+    from g4seg.cli.listing import compat_command, list_command
+    from g4seg.cli.plugins import list_plugins, new_command, plugins_app
     from g4seg.cli.refine import refine_command
 
     for name, command in (
         ("refine", refine_command),
         ("eval", eval_command),
         ("ablate", ablate_command),
-        ("plugins", plugins_command),
         ("list", list_command),
         ("compat", compat_command),
         ("doctor", doctor_command),
@@ -115,6 +115,9 @@ def _register() -> None:
     for name, command in toy_commands():
         toy_app.command(name)(user_errors(command))
     app.add_typer(toy_app)
+    plugins_app.callback()(user_errors(list_plugins))
+    plugins_app.command("new")(user_errors(new_command))
+    app.add_typer(plugins_app)
     from g4seg.plugins import register_commands
 
     before = len(app.registered_commands)

@@ -1,4 +1,4 @@
-"""``g4seg plugins``, ``g4seg list KIND`` and ``g4seg compat``: what is installed and what fits together."""
+"""``g4seg list KIND`` and ``g4seg compat``: what is installed and what fits together."""
 
 from __future__ import annotations
 
@@ -50,35 +50,6 @@ def _spec_dict(spec: ComponentSpec, with_options: bool) -> dict[str, Any]:
     if with_options:
         data["options"] = _option_rows(spec)
     return data
-
-
-def plugins_command(
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-) -> None:
-    """Installed plugins, what each registers, and the ones that failed to load."""
-    from g4seg import PLUGIN_API
-    from g4seg.plugins import load
-
-    reg, report = load()
-    registered: dict[str, list[str]] = {}
-    for spec in reg.all():
-        registered.setdefault(spec.plugin, []).append(f"{spec.kind}:{spec.name}")
-    rows = [{"name": n, "origin": o, "version": report.versions.get(n), "hooks": report.hooks.get(n, []),
-             "status": "loaded", "components": registered.get(n, [])} for n, o in report.plugins.items()]
-    rows += [{"name": n, "origin": None, "version": None, "hooks": [], "status": "broken", "error": message,
-              "components": []} for n, message in report.broken.items()]
-    rows += [{"name": n, "origin": dist, "version": None, "hooks": [], "components": [],
-              "status": "skipped (not in G4SEG_LOAD_PLUGINS)"} for n, dist in report.skipped.items()]
-    if as_json:
-        typer.echo(json.dumps({"plugin_api": PLUGIN_API, "plugins": rows, "broken": report.broken}, indent=2))
-        return
-    table = Table("plugin", "origin", "version", "status", "components", title=f"g4seg plugins (API {PLUGIN_API})")
-    for row in rows:
-        status = {"loaded": "loaded", "broken": "[red]failed[/red]"}.get(row["status"],
-                                                                      f"[yellow]{row['status']}[/yellow]")
-        detail = row.get("error") or ", ".join(row["components"]) or "-"
-        table.add_row(row["name"], row["origin"] or "-", row["version"] or "-", status, detail)
-    console.print(table)
 
 
 def list_command(

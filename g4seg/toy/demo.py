@@ -54,18 +54,37 @@ def ious(pred: np.ndarray, truth: np.ndarray, names: list[str]) -> dict[str, flo
     return result
 
 
-def run_demo(out: Path, device: str = "auto", **settings: Any) -> DemoResult:
-    """Refine the shipped scene's coarse mask; write ``out/demo.png`` and ``out/refined.png``."""
-    from g4seg.io import save_label_png
+@dataclass(frozen=True)
+class DemoInputs:
+    """The demo scene as a refiner takes it: the classes in its truth or coarse mask, numbered 1..K here."""
+
+    image: np.ndarray  # (H, W, 3) uint8
+    probs: np.ndarray  # (K, H, W) 0/1 coarse maps of ``classes``
+    classes: list[str]
+    ids: list[int]  # toy class ids of ``classes``
+    truth: np.ndarray  # (H, W) toy class ids
+    coarse: np.ndarray
+
+
+def demo_inputs() -> DemoInputs:
+    """The shipped scene's image and coarse maps, ready for ``Refiner.refine`` (also a plugin test's input)."""
     from g4seg.masks import one_hot
-    from g4seg.refiner import Refiner
 
     image, truth, coarse, _ = load_scene()
     present = [k for k in range(1, NUM_CLASSES) if (truth == k).any() or (coarse == k).any()]
-    names = [CLASSES[k - 1] for k in present]
     probs = one_hot(coarse, NUM_CLASSES - 1)[[k - 1 for k in present]]
+    return DemoInputs(image, probs, [CLASSES[k - 1] for k in present], present, truth, coarse)
+
+
+def run_demo(out: Path, device: str = "auto", **settings: Any) -> DemoResult:
+    """Refine the shipped scene's coarse mask; write ``out/demo.png`` and ``out/refined.png``."""
+    from g4seg.io import save_label_png
+    from g4seg.refiner import Refiner
+
+    scene = demo_inputs()
+    image, truth, coarse, present, names = scene.image, scene.truth, scene.coarse, scene.ids, scene.classes
     refiner = Refiner.from_names(backbone="toy", injector="attn", extractor="toy-clip", device=device, **settings)
-    result = refiner.refine(image, probs, names, return_generated=True, return_correspondence=True)
+    result = refiner.refine(image, scene.probs, names, return_generated=True, return_correspondence=True)
     # back to toy class ids (the refiner numbers the given classes 1..K)
     refined = np.array([0, *present], dtype=np.uint8)[result.labels]
     out.mkdir(parents=True, exist_ok=True)
