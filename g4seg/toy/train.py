@@ -21,8 +21,8 @@ the same arithmetic; the figures in ``train_log.json`` say how long each stage t
    star"; "a photo of a background" when no object covers 5 % of it). Captions repeat within a batch,
    so every pair with the same caption is a positive (a multi-positive InfoNCE), not only the diagonal.
 
-The diffusion model is saved in float16 safetensors and loads as float32; the CLIP in float32 (see
-:func:`save_clip`); about 35 MB in all.
+The diffusion model is saved in float16 safetensors and loads as float32; the CLIP's weights are rounded
+to float16 too but stored as float32 (see :func:`save_clip`); about 35 MB in all.
 """
 
 from __future__ import annotations
@@ -312,9 +312,9 @@ def save_clip(out: Path, model: Any) -> None:
     out.mkdir(parents=True, exist_ok=True)
     config = {"model_cfg": CLIP_CONFIG, "preprocess_cfg": {"mean": list(CLIP_MEAN), "std": list(CLIP_STD)}}
     (out / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    # float32: open_clip resizes position embeddings (geometry=whole) in the checkpoint's dtype, which
-    # fails for float16 on a CPU
-    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    # float16 precision (as the diffusion model's weights), stored as float32: open_clip resizes position
+    # embeddings (geometry=whole) in the checkpoint's dtype, which fails for float16 on a CPU
+    state = {k: v.detach().cpu().half().float().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / "open_clip_model.safetensors"))
 
 
