@@ -3,11 +3,14 @@
 A grid file (TOML, see ``docs/runs.md``) names one dataset split and one coarse-mask folder, the base
 settings, and the axes to vary: backbones, injectors (with options), extractors, timesteps, betas,
 confidence bands, and ``variants`` (labelled sets of any other engine settings, e.g. ramp width, merge
-rule, guidance, class embedding: the choices DESIGN.md section 2 decides and asks to compare) and
-``generators`` (``model`` and the bias controls ``self`` and ``noise``).
+rule, guidance, class embedding: the choices DESIGN.md section 2 decides and asks to compare),
+``generators`` (``model`` and the bias controls ``self`` and ``noise``) and ``noises`` (how the latent
+reaches t_s: ``add``, ``ddim-inversion``, ``null-text``; the paper's Table IV, with each cell's time per image
+and the part of it spent on the noising or inversion).
 Cell ``C`` is refined into ``OUT/cells/C/`` by :func:`g4seg.runner.run` (so a rerun resumes it and a
 sharded launch splits its images) and scored with :func:`g4seg.evaluation.evaluate`.
-Pairs a backbone cannot run with an injector are listed as skipped with the reason.
+Combinations a backbone cannot run (an unsupported injector or extractor: ``requires:`` tags; guidance or
+null-text on a backbone whose guidance is built in) are listed as skipped with the reason.
 
 Every gain is reported with its paired bootstrap interval over images, and next to the gain of the
 cell's noise control: the cell with the same settings and ``generator = "noise"``. Controls are not
@@ -33,11 +36,11 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from g4seg.config import COMPONENT_KINDS, RefineConfig, load_config
+from g4seg.config import COMPONENT_KINDS, RefineConfig, guidance_refusal, load_config
 from g4seg.errors import G4SegError
 from g4seg.io import atomic_write_bytes
 from g4seg.plugins import registry
-from g4seg.registry import incompatibility
+from g4seg.registry import incompatibilities
 from g4seg.runner import WorkItem, dataset_items, folder_status, run
 
 if TYPE_CHECKING:
@@ -45,10 +48,11 @@ if TYPE_CHECKING:
     from g4seg.refiner import Refiner
     from g4seg.registry import Runtime
 
-AXES = ("backbones", "injectors", "extractors", "timesteps", "betas", "cf", "variants", "generators")
+AXES = ("backbones", "injectors", "extractors", "timesteps", "betas", "cf", "variants", "generators", "noises")
 CSV_COLUMNS = ("cell", "backbone", "injector", "extractor", "timestep", "beta", "cf_lo", "cf_hi", "variant",
-               "generator", "status", "miou", "gain", "gain_lo", "gain_hi", "improved_fraction", "noise_cell",
-               "noise_gain", "vs_noise", "vs_noise_lo", "vs_noise_hi", "images", "failed", "sec_per_image", "note")
+               "generator", "noise", "status", "miou", "gain", "gain_lo", "gain_hi", "improved_fraction", "noise_cell",
+               "noise_gain", "vs_noise", "vs_noise_lo", "vs_noise_hi", "images", "failed", "sec_per_image",
+               "noise_sec_per_image", "note")
 NOISE = "noise"  # the generator whose cells are the other cells' controls
 
 
@@ -79,7 +83,7 @@ class Variant(BaseModel):
         return dict(self.model_extra or {})
 
 
-AXIS_SETTINGS = ("backbone", "injector", "extractor", "timestep", "beta", "cf", "generator")
+AXIS_SETTINGS = ("backbone", "injector", "extractor", "timestep", "beta", "cf", "generator", "noise")
 
 
 class Axes(BaseModel):
@@ -95,6 +99,7 @@ class Axes(BaseModel):
     cf: list[tuple[float, float]] | None = None
     variants: list[Variant] | None = None
     generators: list[Literal["model", "self", "noise"]] | None = None
+    noises: list[Literal["add", "ddim-inversion", "null-text"]] | None = None
 
 
 class GridFile(BaseModel):
@@ -125,17 +130,19 @@ class Cell:
     skip: str | None = None
     variant: str = ""
     generator: str = "model"
+    noise: str = "add"
 
     @property
     def settings(self) -> tuple:
         """Every axis value but the generator: cells sharing it differ only in what Eq. 8 compares with."""
         return (self.backbone.tag, self.injector.tag, self.extractor.tag, self.timestep, self.beta, self.cf,
-                self.variant)
+                self.variant, self.noise)
 
     def row(self) -> dict[str, Any]:
         return {"cell": self.id, "backbone": self.backbone.tag, "injector": self.injector.tag,
                 "extractor": self.extractor.tag, "timestep": self.timestep, "beta": self.beta,
-                "cf_lo": self.cf[0], "cf_hi": self.cf[1], "variant": self.variant, "generator": self.generator}
+                "cf_lo": self.cf[0], "cf_hi": self.cf[1], "variant": self.variant, "generator": self.generator,
+                "noise": self.noise}
 
 
 @dataclass
@@ -154,6 +161,7 @@ class CellResult:
     images: int = 0
     failed: int = 0
     sec_per_image: float | None = None
+    noise_sec_per_image: float | None = None  # of sec_per_image, bringing the latent to t_s (``noise``)
     note: str = ""
     per_class: dict[str, float | None] | None = None
     bins: list[dict[str, Any]] | None = None
@@ -176,7 +184,7 @@ class CellResult:
                 "vs_noise": _round(self.versus_noise.gain) if self.versus_noise else None,
                 "vs_noise_lo": noise_ci[0], "vs_noise_hi": noise_ci[1],
                 "images": self.images, "failed": self.failed, "sec_per_image": _round(self.sec_per_image, 3),
-                "note": self.note}
+                "noise_sec_per_image": _round(self.noise_sec_per_image, 3), "note": self.note}
 
     @property
     def noise_note(self) -> str:
@@ -264,7 +272,8 @@ def _variants(variants: list[Variant] | None) -> list[Variant | None]:
 
 
 def _cell_config(base: dict[str, Any], backbone: Choice, injector: Choice, extractor: Choice, timestep: int,
-                 beta: float, cf: tuple[float, float], variant: Variant | None, generator: str) -> RefineConfig:
+                 beta: float, cf: tuple[float, float], variant: Variant | None, generator: str,
+                 noise: str) -> RefineConfig:
     settings = {**base, **(variant.settings if variant else {})}
     options = {kind: dict(values) for kind, values in base.get("options", {}).items()}
     for kind, values in (variant.settings.get("options", {}) if variant else {}).items():
@@ -273,7 +282,7 @@ def _cell_config(base: dict[str, Any], backbone: Choice, injector: Choice, extra
         options[kind] = {**options.get(kind, {}), **choice.options}
     return load_config(None, **{**settings, "backbone": backbone.name, "injector": injector.name,
                                 "extractor": extractor.name, "timestep": timestep, "beta": beta, "cf": cf,
-                                "generator": generator, "options": options})
+                                "generator": generator, "noise": noise, "options": options})
 
 
 def plan_cells(grid: GridFile) -> list[Cell]:
@@ -288,19 +297,28 @@ def plan_cells(grid: GridFile) -> list[Cell]:
     bands = _values(axes.cf, base_config.cf, "cf")
     variants = _variants(axes.variants)
     generators = _values(axes.generators, base_config.generator, "generators")
+    noises = _values(axes.noises, base_config.noise, "noises")
     reg = registry()
     cells = []
-    for bb, inj, ext, t, beta, cf, variant, gen in itertools.product(backbones, injectors, extractors, timesteps,
-                                                                      betas, bands, variants, generators):
+    for bb, inj, ext, t, beta, cf, variant, gen, noise in itertools.product(
+            backbones, injectors, extractors, timesteps, betas, bands, variants, generators, noises):
         cell_id = f"{bb.tag}_{inj.tag}_{ext.tag}_t{t}_b{beta:g}_cf{cf[0]:g}-{cf[1]:g}"
         if variant is not None:
             cell_id += f"_{variant.label}"
         if axes.generators:
             cell_id += f"_gen-{gen}"
-        reg.get("extractor", ext.name)  # an unknown name fails here, before anything runs
-        reason = incompatibility(reg.get("injector", inj.name), reg.get("backbone", bb.name))
-        config = None if reason else _cell_config(grid.base, bb, inj, ext, t, beta, cf, variant, gen)
-        cells.append(Cell(cell_id, bb, inj, ext, t, beta, cf, config, reason, variant.label if variant else "", gen))
+        if axes.noises:
+            cell_id += f"_noise-{noise}"
+        # an unknown name fails here, before anything runs
+        reason = "; ".join(incompatibilities(reg.get("backbone", bb.name), reg.get("injector", inj.name),
+                                             reg.get("extractor", ext.name))) or None
+        config = None if reason else _cell_config(grid.base, bb, inj, ext, t, beta, cf, variant, gen, noise)
+        backbone_spec = reg.get("backbone", bb.name)
+        refusal = config and guidance_refusal(config, backbone_spec.name, backbone_spec.tags)
+        if refusal:  # e.g. null-text on LCM: skipped like an unsupported pair, not a failing cell
+            reason, config = refusal, None
+        cells.append(Cell(cell_id, bb, inj, ext, t, beta, cf, config, reason, variant.label if variant else "", gen,
+                          noise))
     return cells
 
 
@@ -346,9 +364,10 @@ def _score(cell: Cell, items: list[WorkItem], classes: list[str], cell_dir: Path
     from g4seg.evaluation import compare, evaluate
 
     status = folder_status(items, cell_dir, cell.config, classes)
-    seconds = list(status.done.values())
+    seconds, noising = list(status.done.values()), list(status.noise_seconds.values())
     result = CellResult(cell, "pending", images=len(status.done), failed=len(status.failed),
-                        sec_per_image=sum(seconds) / len(seconds) if seconds else None)
+                        sec_per_image=sum(seconds) / len(seconds) if seconds else None,
+                        noise_sec_per_image=sum(noising) / len(noising) if noising else None)
     if status.pending:
         result.note = f"{len(status.pending)} images not finished"
         return result
@@ -475,10 +494,10 @@ def _noise_json(r: CellResult) -> dict[str, Any] | None:
             "vs_noise_ci95": _interval_json(r.versus_noise)}
 
 
-def _fmt(value: float | None, signed: bool = False) -> str:
+def _fmt(value: float | None, signed: bool = False, digits: int = 2) -> str:
     if value is None or math.isnan(value):
         return "n/a"
-    return f"{value:+.2f}" if signed else f"{value:.2f}"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
 def _with_interval(comparison: "Comparison | None") -> str:
@@ -498,9 +517,10 @@ def _markdown(report: AblationReport, plots: list[str]) -> str:
              f"generator `noise`: the gain the update rule makes when the compared image carries no information. "
              f"*Over noise* is the cell minus its control, paired over images: a gain whose interval there does "
              f"not lie above 0 is not shown to come from the generation.", "",
-             "| cell | backbone | injector | extractor | t | beta | cf | variant | generator | mIoU | gain [95% CI] | "
-             "improved | noise control gain | over noise [95% CI] | images | s/image |",
-             "|---|---|---|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| cell | backbone | injector | extractor | t | beta | cf | variant | generator | noise | mIoU | "
+             "gain [95% CI] | improved | noise control gain | over noise [95% CI] | images | s/image | "
+             "noising s/image |",
+             "|---|---|---|---|---:|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report.results:
         if r.status == "done":
             c = r.cell
@@ -509,9 +529,9 @@ def _markdown(report: AblationReport, plots: list[str]) -> str:
             versus = "-" if c.generator == NOISE else (r.noise_note or _with_interval(r.versus_noise))
             lines.append(f"| {c.id} | {c.backbone.tag} | {c.injector.tag} | {c.extractor.tag} | {c.timestep} | "
                          f"{c.beta:g} | [{c.cf[0]:g}, {c.cf[1]:g}] | {c.variant or '-'} | {c.generator} | "
-                         f"{_fmt(r.miou)} | {_with_interval(r.comparison)} | "
+                         f"{c.noise} | {_fmt(r.miou)} | {_with_interval(r.comparison)} | "
                          f"{'n/a' if improved is None else f'{100 * improved:.0f}%'} | {noise} | {versus} | "
-                         f"{r.images} | {_fmt(r.sec_per_image)} |")
+                         f"{r.images} | {_fmt(r.sec_per_image)} | {_fmt(r.noise_sec_per_image, digits=3)} |")
     if any(r.status == "done" and r.noise_note == "missing" for r in report.results):
         lines += ["", 'Cells marked "missing" have no noise control in the grid: add `generators = ["model", '
                       '"noise"]` to `[grid]` (a noise cell runs no UNet or VAE).']
@@ -550,8 +570,9 @@ def _plots(report: AblationReport) -> list[str]:
     for r in scored:
         c = r.cell
         groups.setdefault((c.backbone.tag, c.injector.tag, c.extractor.tag, f"beta={c.beta:g}",
-                           f"cf=[{c.cf[0]:g},{c.cf[1]:g}]", c.variant, f"gen={c.generator}"), []).append(r)
-    varying = [i for i in range(7) if len({key[i] for key in groups}) > 1]
+                           f"cf=[{c.cf[0]:g},{c.cf[1]:g}]", c.variant, f"gen={c.generator}", f"noise={c.noise}"),
+                          []).append(r)
+    varying = [i for i in range(len(next(iter(groups)))) if len({key[i] for key in groups}) > 1]
     figure = Figure(figsize=(6.4, 4.2))
     ax = figure.add_subplot()
     for key, members in groups.items():

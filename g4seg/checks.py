@@ -3,12 +3,15 @@
 Everything that can be known without a model is checked first, so that a typo costs seconds, not a
 model load followed by one failure per image:
 
-- the settings: component names and options, the backbone x injector pair, the device;
+- the settings: component names and options, the backbone x injector and backbone x extractor pairs
+  (``requires:`` tags), guidance (a backbone with built-in guidance, LCM, takes neither ``guidance_scale``
+  nor ``noise = "null-text"``: :func:`g4seg.config.guidance_refusal`), the device;
 - the class names: not empty, unique (ignoring case: CLIP lower-cases text), and, for backbones with
   CLIP text encoders, short enough that the prompt filled with each name fits CLIP's 77-token
   context (BOS and EOS included), with the name's tokens intact inside the prompt. Tokens are counted
   with the real CLIP BPE (open_clip's ``SimpleTokenizer``, whose vocabulary ships in its wheel), so
-  no model is loaded;
+  no model is loaded; and, for injectors tagged ``cheap-check`` (``controlnet``), that the injector
+  takes every class (a colour for each);
 - every input: the image header (opened without decoding the pixels: size, EXIF orientation, mode)
   and, for mask sources tagged ``cheap-check`` (the ``file`` source), the mask itself (file, format,
   values, class count, size against the image as displayed);
@@ -30,7 +33,8 @@ from g4seg.errors import G4SegError
 CLIP_CONTEXT = 77  # tokens of CLIP's text context, BOS and EOS included
 # backbones whose text encoders are CLIP's (77 tokens, CLIP BPE): the token checks apply to them
 CLIP_TEXT_FAMILIES = frozenset({"family:sd15", "family:sd21", "family:sdxl", "family:lcm"})
-CHEAP_CHECK_TAG = "cheap-check"  # a mask source that builds cheaply and has check(); see mask_source_file
+CHEAP_CHECK_TAG = "cheap-check"  # builds cheaply: a mask source with check() (mask_source_file), an injector
+# with check_classes() (injector_controlnet)
 
 
 @lru_cache(maxsize=1)
@@ -80,8 +84,9 @@ def check_class_names(names: Sequence[str], prompt: str, clip_text: bool = True)
 
 def check_settings(config: Any, classes: Sequence[str]) -> Any:
     """Components, their options and pairing, the device and the class names; returns the Runtime."""
+    from g4seg.config import guidance_refusal
     from g4seg.plugins import registry
-    from g4seg.registry import incompatibility
+    from g4seg.registry import incompatibilities
     from g4seg.runtime import resolve_runtime
 
     reg = registry()
@@ -90,15 +95,28 @@ def check_settings(config: Any, classes: Sequence[str]) -> Any:
              if getattr(config, kind)}
     for kind, spec in specs.items():
         spec.parse_options(config.component_options(kind))
-    reason = incompatibility(specs["injector"], specs["backbone"])
+    reasons = incompatibilities(specs["backbone"], specs["injector"], specs["extractor"])
+    if reasons:
+        raise G4SegError(reasons[0])  # the first, as Refiner.from_config raises it
+    reason = guidance_refusal(config, specs["backbone"].name, specs["backbone"].tags)  # guidance, null-text
     if reason:
         raise G4SegError(reason)
-    if config.guidance_scale is not None and "guidance:embedded" in specs["backbone"].tags:
-        raise G4SegError(f"backbone '{specs['backbone'].name}' has no classifier-free guidance branch "
-                         f"(its guidance is built in); leave guidance_scale unset")
     runtime = resolve_runtime(config.device, config.dtype, config.offline)
     check_class_names(classes, config.prompt, clip_text=bool(CLIP_TEXT_FAMILIES & specs["backbone"].tags))
+    check_injector_classes(specs["injector"], config.component_options("injector"), classes, runtime)
     return runtime
+
+
+def check_injector_classes(spec: Any, values: dict[str, Any], classes: Sequence[str], runtime: Any) -> None:
+    """An injector (or a part of an 'a+b' one) tagged ``cheap-check`` is built, no model loaded, and its
+    ``check_classes(classes)`` run: e.g. every class has a ControlNet colour, before any model loads."""
+    parts = getattr(spec, "parts", None)  # g4seg.composite.CompositeSpec
+    routed = spec.route(values) if parts else {spec.name: values}
+    for part in parts or (spec,):
+        if CHEAP_CHECK_TAG in part.tags:
+            check = getattr(part.build(routed[part.name], runtime), "check_classes", None)
+            if callable(check):
+                check(list(classes))
 
 
 def check_image(path: Path) -> tuple[int, int]:

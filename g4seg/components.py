@@ -78,7 +78,12 @@ class Backbone(Protocol):
         """Positions of ``phrase``'s tokens inside the tokenized ``prompt`` (all of them)."""
 
     def predict(self, latents: torch.Tensor, timestep: int, cond: Conditioning, **extra: Any) -> torch.Tensor:
-        """One UNet call; returns the raw model output (interpreted by ``prediction_type``)."""
+        """One UNet call; returns the raw model output (interpreted by ``prediction_type``).
+
+        ``extra`` are an injector's UNet keywords. A backbone tagged ``controlnet:seg`` also takes
+        ``residuals``: a callable it calls as ``residuals(latents, timestep, cond)`` with the call's own UNet
+        inputs, whose returned keywords (down/mid block residuals) it passes to the UNet as well.
+        """
 
     def attention_layers(self, latent_hw: tuple[int, int]) -> list[AttentionLayer]:
         """The UNet's attention processors with their kind and token grid for this latent size."""
@@ -101,15 +106,43 @@ class Injector(Protocol):
         ``masks`` is (B, H, W) bool at the backbone's input resolution, one per prompt;
         ``token_indices[b]`` are the class-name token positions of prompt ``b``. With ``guided``
         (classifier-free guidance) the UNet batch is 2B: B unconditional entries, then the B
-        conditional ones; only the conditional half may be modulated.
+        conditional ones; the mask binding modulates only the conditional half (the ``controlnet``
+        injector gives the unconditional half the ControlNet's residuals for the empty prompt, as
+        diffusers' ControlNet pipeline does; its module docstring says why).
+
+        Optional, like :class:`UsesBackbone`'s ``attach`` (which the refiner also calls on injectors): an
+        injector with ``takes_class_names = True`` is also called with ``classes``, the B prompts' class
+        names (the ``controlnet`` injector colours each mask by its class). Adding it kept ``PLUGIN_API`` at 1.
         """
 
 
 class Extractor(Protocol):
-    """Dense per-patch features for the correspondence step."""
+    """Dense per-patch features for the correspondence step.
+
+    An extractor may also have the optional ``attach`` method of :class:`UsesBackbone`, to compute its
+    features with the refiner's backbone (the ``sd`` extractor reads its UNet) instead of loading a model.
+    """
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) float32 in [0, 1] -> L2-normalised (B, C, h, w)."""
+
+
+class UsesBackbone(Protocol):
+    """Optional addition to the extractor protocol: a component that works with the refiner's backbone.
+
+    :class:`g4seg.refiner.Refiner` calls ``attach(backbone)`` once, when it is constructed (by
+    ``from_config`` or directly), if the extractor has the method; extractors without it are untouched.
+    It calls an injector's ``attach`` the same way (the ``controlnet`` injector loads a ControlNet that fits it).
+    The core never learns what the extractor does with the backbone. ``attach`` may raise a one-line
+    G4SegError when the backbone lacks what it needs; an extractor that needs a backbone should say so
+    in one line when called without one (e.g. built standalone by its spec), and should declare
+    ``requires:<tag>`` so that an unsupported backbone is refused before any model loads. Holding only a
+    weak reference keeps it from keeping a replaced backbone alive. Adding this optional method kept
+    ``PLUGIN_API`` at 1 (docs/plugins.md).
+    """
+
+    def attach(self, backbone: Backbone) -> None:
+        """Remember ``backbone`` (the refiner's, already loaded) for later calls."""
 
 
 @dataclass
@@ -135,7 +168,29 @@ class MaskSource(Protocol):
 
 
 class PostProcessor(Protocol):
-    """Optional clean-up of refined probabilities (e.g. dense CRF)."""
+    """Optional clean-up of refined probabilities (e.g. dense CRF).
+
+    One that treats the background as a label of its own takes the optional form :class:`SeesBackground`.
+    """
 
     def __call__(self, image: np.ndarray, probs: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 image and (K, H, W) probabilities -> probabilities of the same shape."""
+
+
+class SeesBackground(Protocol):
+    """Optional form of the post-processor protocol, for one whose output has a background of its own (a
+    dense CRF: its posterior is a distribution over background and classes, and its labels are the argmax).
+
+    A post-processor with ``background_aware = True`` is called by :meth:`g4seg.refiner.Refiner.refine` with
+    the keywords ``background`` (the (H, W) channel the labels would be merged with, or None) and ``rule``
+    (that merge rule), and returns a :class:`CoarseMask`: its ``probs`` (K, H, W) and ``background`` (H, W)
+    replace the refined maps and the background channel, and its ``merge`` (when set) the merge rule, for
+    the output labels and the saved probabilities. Plain post-processors are called as before, so adding
+    this optional form kept ``PLUGIN_API`` at 1.
+    """
+
+    background_aware: bool
+
+    def __call__(self, image: np.ndarray, probs: np.ndarray, *, background: np.ndarray | None,
+                 rule: MergeRule) -> CoarseMask:
+        """(H, W, 3) uint8 image, (K, H, W) probabilities, the merge's background and rule -> the posterior."""

@@ -59,6 +59,17 @@ class RefineConfig(BaseModel):
     generator: Literal["model", "self", "noise"] = Field(
         "model", description="the image Eq. 8 compares with: the one-step generation (model), or a bias control: "
                              "the image itself (self) or seeded noise with its per-channel mean and std (noise)")
+    noise: Literal["add", "ddim-inversion", "null-text"] = Field(
+        "add", description="how the image latent reaches t_s: one seeded noise addition (add, the paper's), "
+                           "deterministic DDIM inversion (ddim-inversion), or DDIM inversion plus a null-text "
+                           "embedding optimised to reconstruct the latent in one guided step (null-text; Table IV)")
+    inversion_steps: int = Field(20, ge=1, description="DDIM inversion steps from 0 to t_s (ddim-inversion, "
+                                                       "null-text); at most timestep")
+    inversion_prompt: Literal["empty", "class"] = Field(
+        "empty", description="conditioning of the inversion: the empty prompt, once per image for all classes "
+                             "(empty), or each class's prompt without its mask, once per class (class)")
+    null_text_iters: int = Field(10, ge=0, description="null-text: Adam iterations on the null embedding")
+    null_text_lr: float = Field(0.01, gt=0.0, description="null-text: Adam learning rate")
     device: str = "auto"
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
     offline: bool = False
@@ -102,6 +113,14 @@ class RefineConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
+    def _inversion_fits_timestep(self) -> "RefineConfig":
+        """Each inversion step must advance by at least one timestep (only checked where inversion runs)."""
+        if self.noise != "add" and self.inversion_steps > self.timestep:
+            raise ValueError(f"inversion_steps ({self.inversion_steps}) must not exceed timestep ({self.timestep}): "
+                             f"each DDIM inversion step advances at least one timestep")
+        return self
+
+    @model_validator(mode="after")
     def _known_option_kinds(self) -> "RefineConfig":
         unknown = set(self.options) - set(COMPONENT_KINDS)
         if unknown:
@@ -111,6 +130,25 @@ class RefineConfig(BaseModel):
 
     def component_options(self, kind: str) -> dict[str, Any]:
         return dict(self.options.get(kind, {}))
+
+
+NO_GUIDANCE_TAG = "guidance:embedded"  # backbones (LCM) whose guidance is built in: no unconditional branch
+
+
+def guidance_refusal(config: RefineConfig, backbone: str, tags: frozenset[str] | set[str]) -> str | None:
+    """Why ``config`` cannot run on the backbone named ``backbone`` with capability ``tags``, as far as guidance
+    goes, or None. One rule for :meth:`g4seg.refiner.Refiner.from_config` and the CLI's checks before any model
+    loads: a backbone tagged ``guidance:embedded`` has no unconditional (null-text) branch, so neither
+    classifier-free guidance nor null-text inversion (which optimises that branch's embedding) can run on it."""
+    if NO_GUIDANCE_TAG not in tags:
+        return None
+    if config.guidance_scale is not None:
+        return (f"backbone '{backbone}' has no classifier-free guidance branch (its guidance is built in); "
+                f"leave guidance_scale unset")
+    if config.noise == "null-text":
+        return (f"backbone '{backbone}' has no null-text embedding to optimise (its guidance is built in, "
+                f"no unconditional branch): use noise = \"add\" or \"ddim-inversion\"")
+    return None
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

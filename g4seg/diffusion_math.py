@@ -1,7 +1,8 @@
-"""Forward noising and the one-step clean-sample estimate x~0 (Eq. 2), for any scheduler.
+"""Forward noising, the one-step clean-sample estimate x~0 (Eq. 2), the implied noise, and guidance.
 
-Both use ``alphas_cumprod[t]`` directly, so DDIM, DDPM and LCM schedulers behave the same, and the
-backbone's ``prediction_type`` decides how the UNet output is read.
+All use ``alphas_cumprod[t]`` directly, so DDIM, DDPM and LCM schedulers behave the same, and the
+backbone's ``prediction_type`` decides how the UNet output is read. DDIM inversion
+(:mod:`g4seg.inversion`) is built from ``predict_x0`` and ``predict_eps``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,28 @@ def predict_x0(model_output: torch.Tensor, z_t: torch.Tensor, alpha_bar: float |
     if prediction_type == "sample":
         return out
     raise ValueError(f"unsupported prediction_type '{prediction_type}'")
+
+
+def predict_eps(model_output: torch.Tensor, z_t: torch.Tensor, alpha_bar: float | torch.Tensor,
+                prediction_type: str) -> torch.Tensor:
+    """The noise the model output implies at z_t: what a DDIM step (forward or inverted) carries to the next
+    noise level. For ``sample`` it is undefined at alpha_bar = 1 (z_t is then x0 and carries no noise)."""
+    a = torch.as_tensor(alpha_bar, dtype=torch.float32)
+    out, z = model_output.float(), z_t.float()
+    if prediction_type == "epsilon":
+        return out
+    if prediction_type == "v_prediction":
+        return a.sqrt() * out + (1 - a).sqrt() * z
+    if prediction_type == "sample":
+        if bool(a >= 1):
+            raise ValueError("a sample-predicting model implies no noise at alpha_bar = 1")
+        return (z - a.sqrt() * out) / (1 - a).sqrt()
+    raise ValueError(f"unsupported prediction_type '{prediction_type}'")
+
+
+def guide(unconditional: torch.Tensor, conditional: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance on raw model outputs: u + w (c - u) (linear, so it is the same for eps and v)."""
+    return unconditional + scale * (conditional - unconditional)
 
 
 def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:

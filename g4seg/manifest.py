@@ -30,7 +30,9 @@ class Entry:
     and skips one whose inputs merely moved. ``output_ids`` holds the same for every output, so an
     output that is missing, truncated or otherwise altered is redone. ``saved`` names the optional
     outputs written ("generated", "overlay", "coarse"). Lines written before identities were recorded
-    (no ``output_ids``) are judged by input paths and output existence, as then.
+    (no ``output_ids``) are judged by input paths and output existence, as then. ``noise_seconds`` is the
+    part of ``seconds`` spent bringing the latent to t_s (the ``noise`` setting: a noise addition, or an
+    inversion; None when nothing was generated, or on lines from before it was recorded).
     """
 
     stem: str
@@ -47,6 +49,7 @@ class Entry:
     image_id: dict[str, Any] | None = None
     mask_id: dict[str, Any] | None = None
     output_ids: dict[str, dict[str, Any]] = field(default_factory=dict)
+    noise_seconds: float | None = None
 
     @classmethod
     def from_line(cls, line: str) -> "Entry | None":
@@ -109,7 +112,8 @@ def latest_entries(out_dir: Path) -> dict[str, Entry]:
 
 
 # settings added after run folders existed: left out of the hash at their default, so those folders resume
-ADDED_AT_DEFAULT: dict[str, Any] = {"generator": "model"}
+ADDED_AT_DEFAULT: dict[str, Any] = {"generator": "model", "noise": "add", "inversion_steps": 20,
+                                    "inversion_prompt": "empty", "null_text_iters": 10, "null_text_lr": 0.01}
 
 
 def hashed_settings(config: RefineConfig, classes: Sequence[str], dtype: str) -> dict[str, Any]:

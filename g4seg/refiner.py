@@ -18,10 +18,18 @@ replaces the class-name token embeddings of the prompt by those of the name enco
 bias control that needs no UNet or VAE call. ``self`` compares the image with itself (what Eq. 9 does
 when every pixel can match itself); ``noise`` with seeded noise of the image's per-channel mean and std
 (what Eq. 9 does when the "generation" carries no information). See docs/evaluation.md.
+
+``noise`` chooses how the image latent reaches t_s before the one step: ``add`` (one seeded noise addition,
+the paper's), ``ddim-inversion`` or ``null-text`` (Table IV); the inversions and their choices are in
+:mod:`g4seg.inversion`. :meth:`Refiner.noised` and :meth:`Refiner.denoise` are the two halves of the
+generation, shared with the toy sanity figures (:func:`g4seg.toy.sanity.one_step`); the seconds spent in
+the first half are reported per image (``RefineResult.noise_seconds``, the manifest's ``noise_seconds``).
 """
 
 from __future__ import annotations
 
+import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -29,9 +37,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from g4seg import correspondence, diffusion_math, masks
+from g4seg import correspondence, diffusion_math, inversion, masks
 from g4seg.components import Backbone, Conditioning, Extractor, Injector, PostProcessor
-from g4seg.config import RefineConfig
+from g4seg.config import NO_GUIDANCE_TAG, RefineConfig, guidance_refusal  # noqa: F401 (NO_GUIDANCE_TAG: re-exported)
 from g4seg.errors import G4SegError
 from g4seg.plugins import registry
 from g4seg.registry import Runtime, incompatibility
@@ -52,12 +60,23 @@ class RefineResult:
     labels: np.ndarray
     classes: list[str]
     coarse_labels: np.ndarray
-    background: np.ndarray | None = None  # the baseline's background channel (unchanged), if it had one
+    background: np.ndarray | None = None  # the baseline's background channel (unchanged), if it had one;
+    # after a background-aware post-processor (components.SeesBackground) its background
     generated: dict[str, np.ndarray] | None = None
     correspondence: dict[str, np.ndarray] | None = None
+    noise_seconds: float | None = None  # time spent bringing the latent to t_s (``noise``); None: no generation
 
 
-NO_GUIDANCE_TAG = "guidance:embedded"  # backbones (LCM) that cannot run classifier-free guidance
+@dataclass
+class Noised:
+    """The image latent at t_s (B or 1, C, h, w), the model input's (H, W), and, after null-text inversion, the
+    optimised null embedding (B or 1, L, D) with its losses; ``seconds`` is what bringing it there cost."""
+
+    z_t: torch.Tensor
+    hw: tuple[int, int]
+    null: torch.Tensor | None = None
+    losses: list[float] | None = None
+    seconds: float = 0.0
 
 
 def model_input(images: np.ndarray, size: int) -> torch.Tensor:
@@ -76,10 +95,15 @@ class Refiner:
         self.injector = injector
         self.extractor = extractor
         self.postprocessor = postprocessor
+        for part in (extractor, injector):  # optional protocol method (components.UsesBackbone): e.g. features
+            attach = getattr(part, "attach", None)  # of this UNet, or a ControlNet that must fit it
+            if callable(attach):
+                attach(backbone)
 
     @classmethod
     def from_config(cls, config: RefineConfig, runtime: Runtime | None = None) -> "Refiner":
-        """Build every component by name; an unsupported backbone x injector pair is a G4SegError."""
+        """Build every component by name; an unsupported backbone x injector or backbone x extractor pair is a
+        G4SegError, raised before any model loads."""
         runtime = runtime or resolve_runtime(config.device, config.dtype, config.offline)
         reg = registry()
         backbone_spec = reg.get("backbone", config.backbone)
@@ -87,10 +111,13 @@ class Refiner:
         reason = incompatibility(injector_spec, backbone_spec)
         if reason:
             raise G4SegError(reason)
-        if config.guidance_scale is not None and NO_GUIDANCE_TAG in backbone_spec.tags:
-            raise G4SegError(f"backbone '{backbone_spec.name}' has no classifier-free guidance branch "
-                             f"(its guidance is built in); leave guidance_scale unset")
+        reason = guidance_refusal(config, backbone_spec.name, backbone_spec.tags)
+        if reason:
+            raise G4SegError(reason)
         extractor_spec = reg.get("extractor", config.extractor)
+        reason = incompatibility(extractor_spec, backbone_spec)
+        if reason:
+            raise G4SegError(reason)
         post_spec = reg.get("postprocessor", config.postprocessor) if config.postprocessor else None
         return cls(
             config,
@@ -134,17 +161,22 @@ class Refiner:
         active = [k for k in range(len(classes)) if ((refined[k] >= lo) & (refined[k] <= hi)).any()]
         generated: dict[str, np.ndarray] = {}
         matches: dict[str, np.ndarray] = {}
+        spent: list[float] = []  # seconds of each time a latent was brought to t_s
         if active:
             labels = torch.from_numpy(coarse)
             with torch.inference_mode():
-                self._refine_active(image, refined, labels, classes, active, generated, matches)
+                self._refine_active(image, refined, labels, classes, active, generated, matches, spent)
         out = refined.numpy()
-        if self.postprocessor is not None:
+        if getattr(self.postprocessor, "background_aware", False):  # components.SeesBackground (a dense CRF)
+            posterior = self.postprocessor(image, out, background=background, rule=rule)
+            out, background, rule = posterior.probs, posterior.background, posterior.merge or rule
+        elif self.postprocessor is not None:
             out = self.postprocessor(image, out)
         if ignore is not None:
             coarse[ignore] = masks.IGNORE_LABEL
         return RefineResult(out, rule.labels(out, background, ignore), classes, coarse, background,
-                            generated if return_generated else None, matches if return_correspondence else None)
+                            generated if return_generated else None, matches if return_correspondence else None,
+                            round(sum(spent), 6) if spent else None)
 
     def _check_inputs(self, image: np.ndarray, probs: np.ndarray, classes: list[str],
                       background: np.ndarray | None) -> None:
@@ -166,11 +198,12 @@ class Refiner:
                 raise G4SegError("background probabilities must be finite and within [0, 1]")
 
     def _refine_active(self, image: np.ndarray, refined: torch.Tensor, coarse: torch.Tensor, classes: list[str],
-                       active: list[int], generated: dict[str, np.ndarray], matches: dict[str, np.ndarray]) -> None:
+                       active: list[int], generated: dict[str, np.ndarray], matches: dict[str, np.ndarray],
+                       spent: list[float]) -> None:
         bb, cfg, size = self.backbone, self.config, self.resolution
         pixels = model_input(image[None], size)
         original_features = self.extractor(pixels.to(bb.device))[0].float().cpu()
-        compared = self._compared(pixels, original_features, coarse, classes)
+        compared = self._compared(pixels, original_features, coarse, classes, spent)
         for start in range(0, len(active), cfg.class_batch):
             chunk = active[start:start + cfg.class_batch]
             images, gen_features = compared(chunk)
@@ -181,13 +214,13 @@ class Refiner:
                 matches[classes[k]] = delta[i].numpy()
 
     def _compared(self, pixels: torch.Tensor, original_features: torch.Tensor, coarse: torch.Tensor,
-                  classes: list[str]) -> Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]:
+                  classes: list[str], spent: list[float]) -> Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]:
         """What Eq. 8 compares a batch of classes with, by ``generator``: a function of the class indices
         giving the images (B, 3, S, S) and their features. A control is one image for every class, made and
-        extracted once, without any UNet or VAE call."""
+        extracted once, without any UNet or VAE call (and so without noising: nothing goes to ``spent``)."""
         cfg, device = self.config, self.backbone.device
         if cfg.generator == "model":
-            generate = self._one_step(pixels, coarse, classes)
+            generate = self._one_step(pixels, coarse, classes, spent)
 
             def one_step(chunk: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
                 images = generate(chunk)
@@ -201,39 +234,114 @@ class Refiner:
             features = self.extractor(image).float().cpu()
         return lambda chunk: (image.expand(len(chunk), -1, -1, -1), features.expand(len(chunk), -1, -1, -1))
 
-    def _one_step(self, pixels: torch.Tensor, coarse: torch.Tensor,
-                  classes: list[str]) -> Callable[[list[int]], torch.Tensor]:
-        """The paper's generation: noise the image once to t_s; the returned function runs, for a batch of
-        class indices, one mask-injected UNet step, x~0 (Eq. 2) and the decoder."""
+    def _one_step(self, pixels: torch.Tensor, coarse: torch.Tensor, classes: list[str],
+                  spent: list[float] | None = None) -> Callable[[list[int]], torch.Tensor]:
+        """The paper's generation: bring the image latent to t_s (:meth:`noised`: once per image; per batch of
+        classes where the classes' conditioning enters, i.e. ``inversion_prompt = "class"`` and null-text's
+        optimisation); the returned function runs, for a batch of class indices, one mask-injected UNet step,
+        x~0 (Eq. 2) and the decoder (:meth:`denoise`). The seconds each :meth:`noised` took go to ``spent``."""
         bb, cfg, size = self.backbone, self.config, self.resolution
+        hw = (size, size)
         z0 = bb.encode(pixels.to(bb.device, bb.dtype))
-        alpha_bar = bb.alphas_cumprod[cfg.timestep].to(bb.device)
-        noise = diffusion_math.seeded_noise(tuple(z0.shape), cfg.seed).to(bb.device)
-        z_t = diffusion_math.add_noise(z0, alpha_bar, noise.to(z0.dtype))
+        per_class = cfg.noise != "add" and cfg.inversion_prompt == "class"
+        shared = None if per_class else self.noised(z0, hw)  # null-text: only its inversion, shared by the classes
+        if shared is not None and spent is not None:
+            spent.append(shared.seconds)
         # class k's injection mask: its region of the input label map, nearest-resized to the model input
-        labels = F.interpolate(coarse[None, None].float(), size=(size, size), mode="nearest")[0, 0]
+        labels = F.interpolate(coarse[None, None].float(), size=hw, mode="nearest")[0, 0]
         injection = labels[None] == torch.arange(1, len(classes) + 1, dtype=labels.dtype)[:, None, None]
-        guided = cfg.guidance_scale is not None
 
         def generate(chunk: list[int]) -> torch.Tensor:
             names = [classes[k] for k in chunk]
             prompts = [cfg.prompt.format(name) for name in names]
             tokens = [bb.token_indices(p, name) for p, name in zip(prompts, names)]
-            cond = self._conditioning(prompts, names, tokens, (size, size))
-            latents = z_t.expand(len(chunk), *z_t.shape[1:])
-            if guided:
-                cond = bb.encode_prompts([""] * len(chunk), (size, size)).cat(cond)
-                latents = torch.cat([latents, latents])
-            with self.injector.inject(bb, injection[chunk].to(bb.device), tokens, cfg.timestep,
-                                      **({"guided": True} if guided else {})) as extra:
-                output = bb.predict(latents, cfg.timestep, cond, **extra)
-            if guided:
-                unconditional, conditional = output.float().chunk(2)
-                output = unconditional + cfg.guidance_scale * (conditional - unconditional)
-            x0 = diffusion_math.predict_x0(output, latents[:len(chunk)], alpha_bar, bb.prediction_type)
-            return bb.decode(x0.to(bb.dtype)).float().clamp(0, 1)
+            cond = self._conditioning(prompts, names, tokens, hw)
+            noised = shared
+            if per_class or cfg.noise == "null-text":  # the classes' conditioning (never their masks) enters
+                noised = self.noised(z0, hw, cond, inverted=shared)
+                if spent is not None:
+                    spent.append(noised.seconds)
+            return self.denoise(noised, cond, self.injector, injection[chunk], tokens, names)
 
         return generate
+
+    @property
+    def guidance_scale(self) -> float | None:
+        """The one step's guidance scale: ``guidance_scale``; for null-text (whose null embedding only a guided
+        step reads) Mokady et al.'s 7.5 when it is unset (:data:`g4seg.inversion.NULL_TEXT_GUIDANCE`)."""
+        if self.config.guidance_scale is None and self.config.noise == "null-text":
+            return inversion.NULL_TEXT_GUIDANCE
+        return self.config.guidance_scale
+
+    def noised(self, z0: torch.Tensor, hw: tuple[int, int], cond: Conditioning | None = None,
+               inverted: Noised | None = None) -> Noised:
+        """The image latents ``z0`` (B, C, h, w) brought to t_s by the ``noise`` setting (:mod:`g4seg.inversion`)
+        for a step on ``cond``: the final step's text conditioning without the mask, one entry per latent (a z0
+        of batch 1 is repeated to match). ``hw`` is the model input's size (SDXL's added conditions need it).
+
+        ``add``: sqrt(a) z0 + sqrt(1 - a) eps, one seeded draw of shape (1, C, h, w) shared by the batch.
+        ``ddim-inversion``: DDIM inversion conditioned on the empty prompt, or on ``cond`` with
+        ``inversion_prompt = "class"``. ``null-text``: that inversion, then the null embedding optimised for the
+        guided step on ``cond``; without ``cond`` (once per image, before the classes are known) only the
+        inversion. ``inverted``: the image's latent already inverted (shared by its classes), reused.
+        """
+        bb, cfg = self.backbone, self.config
+        start = _clock(bb.device)
+        alpha_bar = bb.alphas_cumprod[cfg.timestep].to(bb.device)
+        if cfg.noise == "add":
+            noise = diffusion_math.seeded_noise((1, *z0.shape[1:]), cfg.seed).to(bb.device)
+            z_t = diffusion_math.add_noise(z0, alpha_bar, noise.to(z0.dtype).expand_as(z0))
+            return Noised(z_t, hw, seconds=_clock(bb.device) - start)
+        batch = len(cond.encoder_hidden_states) if cond is not None else len(z0)
+        z0 = z0.expand(batch, *z0.shape[1:])
+        if inverted is not None:
+            z_t = inverted.z_t.expand(batch, *inverted.z_t.shape[1:])
+        else:
+            by_class = cond is not None and cfg.inversion_prompt == "class"
+            pivot = cond if by_class else bb.encode_prompts([""] * batch, hw)
+            z_t = inversion.ddim_invert(z0, lambda latents, t: bb.predict(latents, t, pivot), bb.alphas_cumprod,
+                                        cfg.timestep, cfg.inversion_steps, bb.prediction_type)
+        if cfg.noise == "ddim-inversion" or cond is None:
+            return Noised(z_t, hw, seconds=_clock(bb.device) - start)
+        empty = bb.encode_prompts([""] * batch, hw)
+
+        def unconditional(latents: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+            return bb.predict(latents, cfg.timestep, Conditioning(hidden, empty.unet_kwargs))
+
+        null = inversion.optimise_null_text(
+            z0, z_t, alpha_bar, unconditional, empty.encoder_hidden_states, bb.predict(z_t, cfg.timestep, cond),
+            self.guidance_scale, cfg.null_text_iters, cfg.null_text_lr, bb.prediction_type)
+        return Noised(z_t, hw, null.embedding.to(bb.dtype), null.losses, seconds=_clock(bb.device) - start)
+
+    def denoise(self, noised: Noised, cond: Conditioning, injector: Injector | None, masks: torch.Tensor | None,
+                tokens: list[list[int]] | None, names: list[str] | None = None) -> torch.Tensor:
+        """One UNet step at t_s from ``noised`` for a batch of prompts ``cond``, x~0 (Eq. 2), decoded to
+        (B, 3, H, W) in [0, 1]. ``injector`` (None: no injection) binds ``masks`` (B, H, W) bool to ``tokens``
+        (and, for an injector that takes them, the class ``names``). With guidance (:attr:`guidance_scale`) the
+        batch is [unconditional, conditional], the unconditional half the empty prompt or the null-text
+        embedding, and only the conditional half is injected."""
+        bb, cfg = self.backbone, self.config
+        n = len(cond.encoder_hidden_states)
+        alpha_bar = bb.alphas_cumprod[cfg.timestep].to(bb.device)
+        latents = noised.z_t.expand(n, *noised.z_t.shape[1:])
+        scale = self.guidance_scale
+        if scale is not None:
+            unconditional = bb.encode_prompts([""] * n, noised.hw)
+            if noised.null is not None:
+                unconditional = Conditioning(noised.null.expand(n, *noised.null.shape[1:]), unconditional.unet_kwargs)
+            cond = unconditional.cat(cond)
+            latents = torch.cat([latents, latents])
+        context: Any = nullcontext({})
+        if injector is not None:
+            named = {"classes": names} if names is not None and getattr(injector, "takes_class_names", False) else {}
+            context = injector.inject(bb, masks.to(bb.device), tokens, cfg.timestep,
+                                      **({"guided": True} if scale is not None else {}), **named)
+        with context as extra:
+            output = bb.predict(latents, cfg.timestep, cond, **extra)
+        if scale is not None:
+            output = diffusion_math.guide(*output.float().chunk(2), scale)
+        x0 = diffusion_math.predict_x0(output, latents[:n], alpha_bar, bb.prediction_type)
+        return bb.decode(x0.to(bb.dtype)).float().clamp(0, 1)
 
     def _conditioning(self, prompts: list[str], names: list[str], tokens: list[list[int]],
                       hw: tuple[int, int]) -> Conditioning:
@@ -258,6 +366,13 @@ def noise_image(pixels: torch.Tensor, seed: int) -> torch.Tensor:
     eps = (eps - eps.mean((-2, -1), keepdim=True)) / eps.std((-2, -1), keepdim=True)
     mean, std = pixels.mean((-2, -1), keepdim=True), pixels.std((-2, -1), keepdim=True)
     return (mean + std * eps.to(pixels.device)).clamp(0, 1)
+
+
+def _clock(device: torch.device) -> float:
+    """``time.perf_counter()`` after the device's queued work is done, so GPU time is counted where it is spent."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _consecutive_runs(positions: Sequence[int]) -> list[list[int]]:

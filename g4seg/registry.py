@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from g4seg.errors import G4SegError, PluginError
 
 KINDS = ("backbone", "injector", "extractor", "mask_source", "postprocessor", "dataset")
+COMBINABLE = ("injector",)  # kinds whose names may be joined with '+' (g4seg.composite)
 
 
 class Options(BaseModel):
@@ -73,6 +74,7 @@ class Registry:
     def __init__(self) -> None:
         self._specs: dict[str, dict[str, ComponentSpec]] = {kind: {} for kind in KINDS}
         self._lookup: dict[str, dict[str, ComponentSpec]] = {kind: {} for kind in KINDS}
+        self._composites: dict[tuple[str, str], ComponentSpec] = {}  # 'a+b' names, built on first get
 
     def add(self, spec: ComponentSpec) -> None:
         if spec.kind not in KINDS:
@@ -90,6 +92,14 @@ class Registry:
         self._specs[spec.kind][spec.name] = spec
 
     def get(self, kind: str, name: str) -> ComponentSpec:
+        """The spec of ``name`` (or an alias); for injectors, 'a+b' is the composite of a and b
+        (:mod:`g4seg.composite`: both in one UNet call), built once per name."""
+        if kind in COMBINABLE and "+" in name and name not in self._lookup[kind]:
+            from g4seg.composite import composite_spec
+
+            if (kind, name) not in self._composites:
+                self._composites[(kind, name)] = composite_spec(self, kind, name)
+            return self._composites[(kind, name)]
         try:
             return self._lookup[kind][name]
         except KeyError:
@@ -108,12 +118,24 @@ class Registry:
         return [spec for kind in KINDS for spec in self.list(kind)]
 
 
-def incompatibility(injector: ComponentSpec, backbone: ComponentSpec) -> str | None:
-    """Why ``injector`` cannot run on ``backbone``, or None when the pair is supported."""
-    missing = injector.requires - backbone.tags
+def incompatibility(component: ComponentSpec, backbone: ComponentSpec) -> str | None:
+    """Why ``component`` cannot run on ``backbone``, or None when the pair is supported.
+
+    Any kind may declare ``requires:<tag>`` (injectors and extractors do): the backbone must carry
+    every such tag. The requirements are always against the backbone, so a combination of components
+    runs when each of its pairs with the backbone does (:func:`incompatibilities`).
+    """
+    missing = component.requires - backbone.tags
     if missing:
         return (
-            f"injector '{injector.name}' needs {', '.join(sorted(missing))}, "
+            f"{component.kind.replace('_', ' ')} '{component.name}' needs {', '.join(sorted(missing))}, "
             f"which backbone '{backbone.name}' does not provide"
         )
     return None
+
+
+def incompatibilities(backbone: ComponentSpec, *components: ComponentSpec | None) -> list[str]:
+    """Every reason ``components`` (e.g. injector, extractor; None entries are skipped) cannot run on
+    ``backbone``, in the order given; empty when the combination is supported."""
+    reasons = (incompatibility(c, backbone) for c in components if c is not None)
+    return [reason for reason in reasons if reason]

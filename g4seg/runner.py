@@ -77,9 +77,11 @@ class RunSummary:
 
 @dataclass
 class FolderStatus:
-    """The state of a run folder for given items: done (stem -> seconds), failed, not yet finished."""
+    """The state of a run folder for given items: done (stem -> seconds), failed, not yet finished; and of the
+    done ones with a recorded ``noise_seconds`` (the part spent bringing the latent to t_s), that part."""
 
     done: dict[str, float] = field(default_factory=dict)
+    noise_seconds: dict[str, float] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     pending: list[str] = field(default_factory=list)
 
@@ -201,6 +203,8 @@ def folder_status(items: Sequence[WorkItem], out_dir: Path, config: RefineConfig
         entry = latest.get(item.stem)
         if _redo_reason(entry, item, ident, out_dir, set()) is None:
             status.done[item.stem] = entry.seconds
+            if entry.noise_seconds is not None:
+                status.noise_seconds[item.stem] = entry.noise_seconds
         elif entry is not None and entry.status == "error" and entry.config_hash == ident.config_hash:
             status.failed[item.stem] = entry.error or "unknown error"
         else:
@@ -399,8 +403,9 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _refine_one(item: WorkItem, refiner: "Refiner", mask_source: "MaskSource", out_dir: Path,
-                classes: list[str], saved: set[str]) -> dict[str, FileId]:
-    """Refine one image and write its outputs; returns them (paths relative to ``out_dir``) with their ids."""
+                classes: list[str], saved: set[str]) -> tuple[dict[str, FileId], float | None]:
+    """Refine one image and write its outputs; returns them (paths relative to ``out_dir``) with their ids, and
+    the seconds the refiner spent bringing the latent to t_s (its ``noise_seconds``; None when it has none)."""
     image = io.load_image(item.image)
     coarse = mask_source.load(item.image, item.mask, classes, image.shape[:2])
     save_generated, save_overlay = "generated" in saved, "overlay" in saved
@@ -419,7 +424,7 @@ def _refine_one(item: WorkItem, refiner: "Refiner", mask_source: "MaskSource", o
         for name, generated in (result.generated or {}).items():
             rel = f"generated/{item.stem}/{classes.index(name) + 1}_{_safe_name(name)}.png"
             outputs[rel] = io.save_rgb_png(out_dir / rel, generated)
-    return outputs
+    return outputs, getattr(result, "noise_seconds", None)
 
 
 def _remove_leftovers(out_dir: Path, stem: str, keep: set[str]) -> None:
@@ -527,9 +532,10 @@ def _run_locked(mine: list[WorkItem], out_dir: Path, config: RefineConfig, class
             image_id = identify(item.image)
             mask_id = identify(item.mask) if item.mask is not None else None
             outputs: dict[str, FileId] = {}
+            noise_seconds: float | None = None
             error: BaseException | None = None
             try:
-                outputs = _refine_one(item, refiner, mask_source, out_dir, classes, wanted)
+                outputs, noise_seconds = _refine_one(item, refiner, mask_source, out_dir, classes, wanted)
                 _remove_leftovers(out_dir, item.stem, set(outputs))
             except Exception as exc:  # noqa: BLE001 - one bad image must not end a long run
                 error, outputs = exc, {}
@@ -542,6 +548,7 @@ def _run_locked(mine: list[WorkItem], out_dir: Path, config: RefineConfig, class
                 time=time.time(), image=image, mask=mask, outputs=list(outputs), saved=sorted(wanted),
                 image_id=image_id.to_json() if image_id else None, mask_id=mask_id.to_json() if mask_id else None,
                 output_ids={rel: file_id.to_json() for rel, file_id in outputs.items()},
+                noise_seconds=None if noise_seconds is None else round(noise_seconds, 4),
             ))
             advance()
             if error is None:

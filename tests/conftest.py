@@ -53,3 +53,39 @@ def config_file(tmp_path_factory, tiny_sd_dir, tiny_clip_options) -> Path:
     path = tmp_path_factory.mktemp("cfg") / "tiny.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+SCENE_HW = (40, 56)
+
+
+@pytest.fixture(scope="module")
+def scene():
+    """A small non-square image (a red disc on blue), soft probabilities of three classes (one empty) and
+    their names: the refiner tests' scene."""
+    import numpy as np
+
+    h, w = SCENE_HW
+    yy, xx = np.mgrid[:h, :w]
+    image = np.where(((yy - 20) ** 2 + (xx - 28) ** 2 < 150)[..., None], [200, 60, 50], [30, 110, 190])
+    soft = np.clip(1.2 - np.sqrt((yy - 20) ** 2 + (xx - 24) ** 2) / 16, 0, 1)
+    probs = np.stack([soft, np.zeros((h, w)), soft[::-1]]).astype(np.float32)
+    return image.astype(np.uint8), probs, ["potted plant", "dog", "cat"]
+
+
+OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+@pytest.fixture
+def forbid_downloads(monkeypatch):
+    """Offline mode, undone after the test; returns ``forbid(module, name)``, which makes that download
+    function fail the test when called (pytest.fail is a BaseException: no except clause can hide it)."""
+    for name in OFFLINE_VARS:
+        monkeypatch.setenv(name, "1")
+
+    def no_download(*args, **kwargs):
+        pytest.fail("offline mode must not download")
+
+    def forbid(module, name: str) -> None:
+        monkeypatch.setattr(module, name, no_download)
+
+    return forbid

@@ -201,13 +201,17 @@ def test_cli_without_hub_fails_fast_in_one_line(tmp_path):
 
 # ----- small CLI fixes ------------------------------------------------------------------------------
 
-def test_an_empty_component_list_says_so():
+def test_an_empty_component_list_says_so(monkeypatch):
+    from g4seg import plugins
+    from g4seg.registry import Registry
+
+    none_match = _invoke("list", "backbones", "zz*")
+    assert none_match.exit_code == 0 and "no backbones match 'zz*' (installed: " in none_match.output
+    monkeypatch.setattr(plugins, "registry", Registry)  # a registry where nothing is installed
     result = _invoke("list", "postprocessors")
     assert result.exit_code == 0
     assert result.output.strip() == ("no postprocessors installed: a plugin adds them with the hook "
                                      "register_postprocessors (see docs/plugins.md)")
-    none_match = _invoke("list", "backbones", "zz*")
-    assert none_match.exit_code == 0 and "no backbones match 'zz*' (installed: " in none_match.output
     assert _invoke("list", "postprocessors", "--json").output.strip() == "[]"
 
 

@@ -288,7 +288,10 @@ def check(command: DocCommand) -> str | None:
         if chosen[component] is None:
             continue
         spec = reg.get(component, chosen[component])
-        if field not in spec.options.model_fields:
+        fields = set(spec.options.model_fields)
+        for part in getattr(spec, "parts", ()):  # an 'a+b' injector takes each part's KEY and PART.KEY
+            fields |= {key for name in part.options.model_fields for key in (name, f"{part.name}.{name}")}
+        if field not in fields:
             return f"-o {override}: {component} '{spec.name}' has no option '{field}'"
     return None
 
@@ -321,7 +324,10 @@ def test_not_built_yet_commands_still_fail(command: DocCommand):
     ("g4seg eval COARSE", "--dataset"),
     ("g4seg refine IMAGE --mask M --classes cat --out DIR --frobnicate", "No such option"),
     ("g4seg refine IMAGE --mask M --classes cat --out DIR --beta high", "beta"),
-    ("g4seg refine IMAGE --mask M --classes cat --out DIR --injector controlnet", "controlnet"),
+    ("g4seg refine IMAGE --mask M --classes cat --out DIR --injector sketchnet", "sketchnet"),
+    ("g4seg refine IMAGE --mask M --classes cat --out DIR --injector attn+sketchnet", "sketchnet"),
+    ("g4seg refine IMAGE --mask M --classes cat --out DIR --injector attn+controlnet -o injector.controlnet.rule=x",
+     "controlnet.rule"),
     ("g4seg refine IMAGE --mask M --classes cat --out DIR -o extractor.no_such=1", "no_such"),
     ("g4seg list unicorns", "unicorns"),
 ])

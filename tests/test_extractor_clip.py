@@ -30,7 +30,6 @@ from g4seg.plugins import registry
 from g4seg.registry import Runtime
 from g4seg.testing.tiny_clip import TINY_CONFIG
 
-OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
 @pytest.fixture
@@ -39,15 +38,9 @@ def tiny(tiny_clip_options) -> dict[str, str]:
 
 
 @pytest.fixture
-def offline(monkeypatch):
+def offline(forbid_downloads):
     """Offline mode that is undone after the test; any download attempt fails the test."""
-    for name in OFFLINE_VARS:
-        monkeypatch.setenv(name, "1")
-
-    def no_download(*args, **kwargs):
-        pytest.fail("offline mode must not download")  # BaseException: no except clause can hide it
-
-    monkeypatch.setattr(open_clip, "download_pretrained", no_download)
+    forbid_downloads(open_clip, "download_pretrained")
 
 
 def build(runtime: Runtime | None = None, **options):

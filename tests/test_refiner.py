@@ -6,16 +6,9 @@ import pytest
 from g4seg import Refiner
 from g4seg.errors import G4SegError
 
-H, W = 40, 56
+from conftest import SCENE_HW
 
-
-@pytest.fixture(scope="module")
-def scene():
-    yy, xx = np.mgrid[:H, :W]
-    image = np.where(((yy - 20) ** 2 + (xx - 28) ** 2 < 150)[..., None], [200, 60, 50], [30, 110, 190])
-    soft = np.clip(1.2 - np.sqrt((yy - 20) ** 2 + (xx - 24) ** 2) / 16, 0, 1)
-    probs = np.stack([soft, np.zeros((H, W)), soft[::-1]]).astype(np.float32)
-    return image.astype(np.uint8), probs, ["potted plant", "dog", "cat"]
+H, W = SCENE_HW
 
 
 def _refiner(sd_dir, clip_options, injector="attn", **settings):
@@ -160,8 +153,11 @@ class NoModel:
     """Stands for the backbone and the injector of a control run: their UNet, VAE and injection must not run."""
 
     resolution, device, dtype = 64, "cpu", None
+    OPTIONAL = ("attach",)  # optional protocol methods (components.UsesBackbone) may be looked up, as absent
 
     def __getattr__(self, name):
+        if name in self.OPTIONAL:
+            raise AttributeError(name)
         raise AssertionError(f"a control run used the model's '{name}'")
 
 

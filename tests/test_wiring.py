@@ -20,6 +20,7 @@ call (batch, timestep) and each ``clip`` extractor call (input images and featur
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -461,6 +462,54 @@ def row_class_batch(ctx, monkeypatch):
     np.testing.assert_allclose(single.result.probs, default.result.probs, atol=1e-5)
 
 
+def _inversion_calls(steps: int, batch: int = 1, t: int = 400) -> list[tuple[int, int]]:
+    """The UNet calls of a DDIM inversion to t in ``steps`` steps: one per target round(i t / steps)."""
+    return [(batch, round(i * t / steps)) for i in range(1, steps + 1)]
+
+
+def row_noise(ctx, monkeypatch):
+    """add: one noise addition, one UNet call; ddim-inversion: no noise, the inversion's calls (empty prompt, batch
+    1, shared by the classes) before the step; null-text: then, for the class batch, the conditional call and one
+    per iteration (each class's own null embedding), then a guided step (batch 6). Each gives another image
+    (tests/test_noise_modes.py checks the math)."""
+    add, ddim, null = (ctx.run(noise=mode) for mode in ("add", "ddim-inversion", "null-text"))
+    assert len(add.rec["noise"]) == 1 and add.rec["predict"] == [(3, 400)]
+    assert ddim.rec["noise"] == [] and ddim.rec["predict"] == [*_inversion_calls(20), (3, 400)]
+    assert null.rec["predict"] == [*_inversion_calls(20), (3, 400), *[(3, 400)] * 10, (6, 400)]
+    assert all(r["guided"] for r in null.rec["attend"]) and not any(r["guided"] for r in ddim.rec["attend"])
+    assert differs(add.gen(), ddim.gen()) and differs(ddim.gen(), null.gen())
+    assert add.result.noise_seconds >= 0 and ddim.result.noise_seconds > 0 and null.result.noise_seconds > 0
+
+
+def row_inversion_steps(ctx, monkeypatch):
+    """The inversion's number of UNet calls and their timesteps; no effect with noise add."""
+    four = ctx.run(noise="ddim-inversion", inversion_steps=4)
+    assert four.rec["predict"] == [(1, 100), (1, 200), (1, 300), (1, 400), (3, 400)]
+    assert differs(four.gen(), ctx.run(noise="ddim-inversion").gen())
+    assert np.array_equal(ctx.run(inversion_steps=4).gen(), ctx.run().gen())
+
+
+def row_inversion_prompt(ctx, monkeypatch):
+    """class: the inversion runs once per class batch (batch 3, the classes' prompts) instead of once (batch 1)."""
+    per_class = ctx.run(noise="ddim-inversion", inversion_prompt="class", inversion_steps=4)
+    assert per_class.rec["predict"] == [*_inversion_calls(4, batch=3), (3, 400)]
+    assert differs(per_class.gen(), ctx.run(noise="ddim-inversion", inversion_steps=4).gen())
+
+
+def row_null_text_iters(ctx, monkeypatch):
+    """One forward (and backward) UNet call per iteration; 0 iterations keep the empty prompt's embedding."""
+    none = ctx.run(noise="null-text", null_text_iters=0, inversion_steps=4)
+    three = ctx.run(noise="null-text", null_text_iters=3, inversion_steps=4)
+    assert none.rec["predict"] == [*_inversion_calls(4), (3, 400), (6, 400)]
+    assert three.rec["predict"] == [*_inversion_calls(4), (3, 400), *[(3, 400)] * 3, (6, 400)]
+    assert differs(none.gen(), three.gen())
+
+
+def row_null_text_lr(ctx, monkeypatch):
+    slow = ctx.run(noise="null-text", null_text_lr=1e-4, null_text_iters=3, inversion_steps=4)
+    assert differs(slow.gen(), ctx.run(noise="null-text", null_text_iters=3, inversion_steps=4).gen())
+
+
 def noise_reference(image: np.ndarray, seed: int) -> np.ndarray:
     """The 'noise' control image, recomputed: randn from the seed, standardised per channel, then the resized
     input's per-channel mean and (unbiased) std, clamped to [0, 1], as uint8."""
@@ -532,7 +581,9 @@ CONFIG_ROWS = {
     "prompt": row_prompt, "resolution": row_resolution, "ramp_width": row_ramp_width, "merge": row_merge,
     "bg_threshold": row_bg_threshold, "prob_thd": row_prob_thd, "area_thd": row_area_thd, "bg_power": row_bg_power,
     "guidance_scale": row_guidance_scale, "class_embedding": row_class_embedding, "class_batch": row_class_batch,
-    "generator": row_generator, "device": row_device, "dtype": row_dtype, "offline": row_offline,
+    "generator": row_generator, "noise": row_noise, "inversion_steps": row_inversion_steps,
+    "inversion_prompt": row_inversion_prompt, "null_text_iters": row_null_text_iters,
+    "null_text_lr": row_null_text_lr, "device": row_device, "dtype": row_dtype, "offline": row_offline,
     "options": row_options,
 }
 
@@ -773,6 +824,192 @@ def toy_clip_row(option):
 TOY_CLIP_OPTIONS = ("model", "pretrained", "cache_dir", "recipe", "geometry", "short_side", "stride", "input_size")
 
 
+def _sd_features(ctx, **options):
+    """The sd extractor of a Refiner built from these options (2 draws unless given) on the scene's model
+    input, and DIFT computed by hand with the same options (tests/test_extractor_sd.py)."""
+    from test_extractor_sd import load_reference_parts, reference_features
+
+    options = {"ensemble": 2, **options}
+    x = resized_input(ctx.image)
+    got = ctx.refiner(extractor="sd", extractor_options=options).extractor(x)
+    settings = {"timestep": 261, "up_block": 1, "seed": 0, "prompt": "", **options}
+    settings.pop("unet_batch", None)
+    return got, reference_features(load_reference_parts(str(ctx.dirs["sd"])), x, **settings)
+
+
+SD_OPTION_VALUES = {"timestep": 600, "up_block": 0, "ensemble": 3, "prompt": "a photo of a cat", "seed": 7}
+
+
+def sd_row(option):
+    """sd: each option gives DIFT's features for its value (by hand) and other features than the default;
+    ``unet_batch`` changes only how the draws are batched into UNet calls."""
+    def row(ctx, monkeypatch):
+        default, want = _sd_features(ctx)
+        torch.testing.assert_close(default, want, atol=2e-5, rtol=1e-4)
+        if option == "unet_batch":
+            REC["predict"].clear()
+            split, _ = _sd_features(ctx, unet_batch=1)
+            assert REC["predict"] == [(1, 261), (1, 261)]  # one UNet call per draw instead of one for both
+            torch.testing.assert_close(split, default, atol=2e-5, rtol=1e-4)
+            return
+        got, want = _sd_features(ctx, **{option: SD_OPTION_VALUES[option]})
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+        assert got.shape != default.shape or (got - default).abs().max() > 1e-3
+        if option == "up_block":  # the correspondence grid is the up-block's: 1/16 of the input, not 1/8
+            block0 = ctx.run(extractor="sd", extractor_options={"ensemble": 2, "up_block": 0})
+            block1 = ctx.run(extractor="sd", extractor_options={"ensemble": 2})
+            assert block0.result.correspondence["cat"].shape == (4, 4)
+            assert block1.result.correspondence["cat"].shape == (8, 8)
+    return row
+
+
+SD_OPTIONS = ("timestep", "up_block", "ensemble", "prompt", "seed", "unet_batch")
+
+
+def _tiny_dino(ctx, registers: int = 0) -> Path:
+    from g4seg.testing.tiny_dino import save_tiny_dino
+
+    folder = ctx.folder / f"tiny-dino-{registers}"
+    if not (folder / "config.json").exists():
+        save_tiny_dino(folder, seed=registers, registers=registers)
+    return folder
+
+
+def _dino_features(ctx, **options):
+    spec = plugins.registry().get("extractor", "dino")
+    images = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    return spec.build({"model": f"local-dir:{_tiny_dino(ctx)}", **options}, Runtime())(images)
+
+
+def dino_row(option):
+    """dino: the tiny DINOv2 folder at 64 px -> 70 px, a 5x5 grid of 14 px patches (the nearest multiple)."""
+    def row(ctx, monkeypatch):
+        default = _dino_features(ctx)
+        assert default.shape == (1, 32, 5, 5)
+        if option == "model":  # another folder: register tokens, other weights
+            other = _dino_features(ctx, model=f"local-dir:{_tiny_dino(ctx, registers=4)}")
+            assert other.shape == default.shape and not torch.allclose(other, default)
+        elif option == "pretrained":
+            weights = str(_tiny_dino(ctx) / "model.safetensors")
+            assert torch.equal(_dino_features(ctx, pretrained=weights), default)
+            assert not torch.allclose(_dino_features(ctx, pretrained="none"), default)
+        elif option == "short_side":  # 64 -> 28 px: 2x2 patches
+            assert _dino_features(ctx, short_side=28).shape == (1, 32, 2, 2)
+        elif option == "layer":
+            first = _dino_features(ctx, layer=0)
+            assert first.shape == default.shape and not torch.allclose(first, default)
+        elif option == "cache_dir":  # only downloads use the cache: a local folder gives the same features
+            assert torch.equal(_dino_features(ctx, cache_dir=str(ctx.folder / "dino-cache")), default)
+    return row
+
+
+DINO_OPTIONS = ("model", "pretrained", "short_side", "layer", "cache_dir")
+
+
+def _controlnet(ctx, seed: int = 12) -> str:
+    """A tiny seg ControlNet for the tiny SD UNet (seeded residual projections, so that they show)."""
+    from g4seg.testing.tiny_diffusion import tiny_controlnet
+
+    folder = ctx.folder / f"controlnet-{seed}"
+    if not (folder / "config.json").exists():
+        tiny_controlnet(seed=seed).save_pretrained(folder, safe_serialization=True)
+    return f"local-dir:{folder}"
+
+
+def _controlnet_run(ctx, **options):
+    return ctx.run(injector="controlnet", injector_options={"model": _controlnet(ctx), **options})
+
+
+def _condition(ctx, **options):
+    """The label image the injector draws for the scene's 'cat' mask (at the scene's size)."""
+    injector = plugins.registry().get("injector", "controlnet").build(options)
+    mask = torch.from_numpy(ctx.labels == CLASSES.index("cat") + 1)[None]
+    return injector.condition(mask, ["cat"])[0], mask[0]
+
+
+def controlnet_row(option):
+    """controlnet: each option changes the generation (the residuals reach the UNet) as documented."""
+    def row(ctx, monkeypatch):
+        default = _controlnet_run(ctx)
+        plain = ctx.run(injector="none")
+        assert differs(default.gen(), plain.gen())  # the ControlNet's residuals reach the UNet
+        if option == "model":
+            assert differs(ctx.run(injector="controlnet", injector_options={"model": _controlnet(ctx, 13)}).gen(),
+                           default.gen())
+        elif option == "revision":  # a Hub id's revision reaches the loader
+            calls = []
+
+            def loader(cls, ref, **kwargs):
+                calls.append((ref.text, kwargs.get("revision")))
+                raise G4SegError("stop at the ControlNet load")
+
+            monkeypatch.setattr("g4seg.model_ref.load_pretrained", loader)
+            monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+            with pytest.raises(G4SegError, match="stop at"):
+                Refiner.from_config(ctx.config(injector="controlnet",
+                                               injector_options={"model": "g4seg-tests/cn", "revision": "v3"}))
+            assert calls == [("g4seg-tests/cn", "v3")]
+        elif option == "conditioning_scale":  # 0 = no ControlNet call: exactly the plain UNet's generation
+            assert np.array_equal(_controlnet_run(ctx, conditioning_scale=0.0).gen(), plain.gen())
+            assert differs(_controlnet_run(ctx, conditioning_scale=0.3).gen(), default.gen())
+        elif option == "guess_mode":
+            assert differs(_controlnet_run(ctx, guess_mode=True).gen(), default.gen())
+        elif option == "palette":  # cat drawn in another colour: the image and the generation change
+            drawn, mask = _condition(ctx, palette={"cat": [10, 200, 30]})
+            assert drawn[:, mask].T.tolist() == [[10, 200, 30]] * int(mask.sum())
+            assert differs(_controlnet_run(ctx, palette={"cat": [10, 200, 30]}).gen(), default.gen())
+        elif option == "background":
+            drawn, mask = _condition(ctx, background="255,255,255")
+            assert drawn[:, ~mask].T.tolist() == [[255, 255, 255]] * int((~mask).sum())
+            assert differs(_controlnet_run(ctx, background=(255, 255, 255)).gen(), default.gen())
+    return row
+
+
+CONTROLNET_OPTIONS = ("model", "revision", "conditioning_scale", "guess_mode", "palette", "background")
+
+
+def _crf_posterior(probs, **options):
+    from g4seg.masks import MergeRule
+
+    if importlib.util.find_spec("pydensecrf") is None:
+        pytest.skip("pydensecrf is not installed (pip install 'g4seg[crf]')")
+    crf = plugins.registry().get("postprocessor", "densecrf").build(options)
+    out = crf(scene_image(), probs, background=None, rule=MergeRule("threshold", bg_threshold=0.5))
+    return np.concatenate([out.background[None], out.probs])
+
+
+# option -> (options both runs share, the changed value)
+CRF_ROWS = {
+    "preset": ({}, "irn"), "iterations": ({}, 1), "gaussian_sxy": ({}, 10.0), "gaussian_compat": ({}, 10.0),
+    "bilateral_sxy": ({}, 5.0), "bilateral_srgb": ({}, 30.0), "bilateral_compat": ({}, 10.0),
+    "unary": ({}, "labels"), "gt_prob": ({"unary": "labels", "iterations": 0}, 0.95),
+    "background": ({}, "power"), "bg_power": ({"background": "power"}, 4.0),
+    "bg_value": ({"background": "constant"}, 0.7), "color": ({}, "clip-es"), "classes": ({}, "all"),
+}
+
+
+def crf_row(option):
+    """densecrf: each option changes the posterior (its exact values are tested against a naive mean-field CRF
+    in test_postprocessor_densecrf.py); ``preset`` is its table's settings, ``classes`` keeps the absent class
+    as a label (a tiny but non-zero posterior) instead of leaving it out (exactly 0)."""
+    def row(ctx, monkeypatch):
+        from g4seg.builtin.postprocessor_densecrf import PRESETS
+
+        shared, value = CRF_ROWS[option]
+        weak = soft_stack() * 0.5 + 0.15  # unaries weak enough that every setting shows in the posterior
+        probs = np.concatenate([weak, np.zeros((1, H, W), np.float32)])  # a 4th class that is absent
+        default, changed = _crf_posterior(probs, **shared), _crf_posterior(probs, **shared, **{option: value})
+        if option == "classes":
+            assert (default[4] == 0).all() and (changed[4] > 0).all()
+            return
+        assert differs(changed, default, 0.1)
+        if option == "preset":
+            np.testing.assert_array_equal(changed, _crf_posterior(probs, **vars(PRESETS["irn"])))
+    return row
+
+
+
+
 def _mask_file(ctx, name, array, mode="L"):
     path = ctx.folder / name
     image = Image.fromarray(array, mode=mode)
@@ -893,6 +1130,10 @@ OPTION_ROWS = {
     "extractor:clip.geometry": clip_geometry, "extractor:clip.short_side": clip_short_side,
     "extractor:clip.stride": clip_stride, "extractor:clip.input_size": clip_input_size,
     **{f"extractor:toy-clip.{option}": toy_clip_row(option) for option in TOY_CLIP_OPTIONS},
+    **{f"extractor:sd.{option}": sd_row(option) for option in SD_OPTIONS},
+    **{f"extractor:dino.{option}": dino_row(option) for option in DINO_OPTIONS},
+    **{f"injector:controlnet.{option}": controlnet_row(option) for option in CONTROLNET_OPTIONS},
+    **{f"postprocessor:densecrf.{option}": crf_row(option) for option in CRF_ROWS},
     "mask_source:file.mode": file_mode, "mask_source:file.resize": file_resize,
     "mask_source:sclip.model": sclip_model, "mask_source:sclip.pretrained": sclip_pretrained,
     "mask_source:sclip.cache_dir": sclip_cache_dir, "mask_source:sclip.preset": sclip_preset,

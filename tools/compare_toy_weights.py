@@ -37,7 +37,8 @@ def main(rerun: Path) -> int:
         print(f"{rel}: {same}/{len(shipped)} tensors bitwise identical, max |diff| {worst:.3g}")
         tensors, identical = tensors + len(shipped), identical + same
     for rel in CONFIGS:
-        print(f"{rel}: config identical {json.loads((SHIPPED / rel).read_text()) == json.loads((rerun / rel).read_text())}")
+        same_config = json.loads((SHIPPED / rel).read_text()) == json.loads((rerun / rel).read_text())
+        print(f"{rel}: config identical {same_config}")
     logs = [json.loads((folder / "train_log.json").read_text()) for folder in (SHIPPED, rerun)]
     for key in LOGGED:
         print(f"{key}: shipped {logs[0][key]}, rerun {logs[1][key]}")

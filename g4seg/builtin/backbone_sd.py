@@ -139,10 +139,21 @@ class SDBackbone:
                              f"in the prompt template")
         return sorted({i + j for i in starts for j in range(n)})
 
-    def predict(self, latents: torch.Tensor, timestep: int, cond: Conditioning, **extra: Any) -> torch.Tensor:
-        """One UNet call; ``extra`` are UNet keyword arguments from an injector (e.g. ControlNet residuals)."""
-        output = self.unet(latents.to(self.device, self.dtype), timestep,
-                           encoder_hidden_states=cond.encoder_hidden_states, **cond.unet_kwargs, **extra)
+    def predict(self, latents: torch.Tensor, timestep: int, cond: Conditioning, *,
+                residuals: Callable[..., dict[str, Any]] | None = None, **extra: Any) -> torch.Tensor:
+        """One UNet call; ``extra`` are UNet keyword arguments from an injector. ``residuals`` (the ControlNet
+        injector's) is called with this call's own UNet inputs (latents on the device, timestep, ``cond``) and
+        returns more UNet keyword arguments (down/mid block residuals), so a model run beside the UNet sees
+        exactly what the UNet sees."""
+        latents = latents.to(self.device, self.dtype)
+        if residuals is not None:
+            more = residuals(latents, timestep, cond)
+            clash = sorted(set(more) & (set(extra) | set(cond.unet_kwargs)))
+            if clash:
+                raise G4SegError(f"UNet keyword(s) {', '.join(clash)} given twice (residuals and another source)")
+            extra = {**extra, **more}
+        output = self.unet(latents, timestep, encoder_hidden_states=cond.encoder_hidden_states, **cond.unet_kwargs,
+                           **extra)
         return output.sample
 
     def attention_layers(self, latent_hw: tuple[int, int]) -> list[AttentionLayer]:
@@ -155,13 +166,13 @@ class SDBackbone:
 def register_backbones(register: Callable[..., None]) -> None:
     register(ComponentSpec(
         kind="backbone", name="sd15", aliases=("sd1.5",), factory=SDBackbone, options=SD15Options,
-        tags=frozenset({"unet-attention", "family:sd15"}),
+        tags=frozenset({"unet-attention", "family:sd15", "controlnet:seg"}),
         description="Stable Diffusion 1.5 (512 px, epsilon)"))
     register(ComponentSpec(
         kind="backbone", name="sd21", aliases=("sd2.1",), factory=SDBackbone, options=SD21Options,
-        tags=frozenset({"unet-attention", "family:sd21"}),
+        tags=frozenset({"unet-attention", "family:sd21", "controlnet:seg"}),
         description="Stable Diffusion 2.1-base (512 px, epsilon); the paper's backbone"))
     register(ComponentSpec(
         kind="backbone", name="sd21-768", aliases=("sd2.1-768",), factory=SDBackbone, options=SD21V768Options,
-        tags=frozenset({"unet-attention", "family:sd21"}),
+        tags=frozenset({"unet-attention", "family:sd21", "controlnet:seg"}),
         description="Stable Diffusion 2.1 (768 px, v-prediction, upcast attention)"))

@@ -92,22 +92,52 @@ def list_command(
             console.print(opts)
 
 
+RESERVED_COMPAT_KEYS = ("extractors", "combinations")  # top-level keys of `compat --json` besides injectors
+
+
 def compat_command(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     injector: Annotated[Optional[str], typer.Option(help="Only this injector.")] = None,
+    extractor: Annotated[Optional[str], typer.Option(help="Only this extractor.")] = None,
 ) -> None:
-    """The injector x backbone compatibility table declared by the plugins."""
+    """The backbone x injector x extractor compatibility declared by the plugins (``requires:`` tags).
+
+    Requirements are declared against the backbone, so a combination runs when its injector and its
+    extractor each run on its backbone. ``--json``: ``{injector: {backbone: bool}}`` as before, plus
+    ``"extractors": {extractor: {backbone: bool}}`` and ``"combinations"``, one entry per backbone,
+    injector and extractor with ``supported`` and the ``reasons`` it is not (an injector named like one
+    of these two keys appears only in ``combinations``).
+    """
     from g4seg.plugins import registry
-    from g4seg.registry import incompatibility
+    from g4seg.registry import incompatibilities, incompatibility
 
     reg = registry()
     injectors = [reg.get("injector", injector)] if injector else reg.list("injector")
+    extractors = [reg.get("extractor", extractor)] if extractor else reg.list("extractor")
     backbones = reg.list("backbone")
-    cells = {i.name: {b.name: incompatibility(i, b) for b in backbones} for i in injectors}
+    by_injector = {i.name: {b.name: incompatibility(i, b) for b in backbones} for i in injectors}
+    by_extractor = {e.name: {b.name: incompatibility(e, b) for b in backbones} for e in extractors}
+    combinations = [{"backbone": b.name, "injector": i.name, "extractor": e.name, "supported": not reasons,
+                     "reasons": reasons}
+                    for b in backbones for i in injectors for e in extractors
+                    for reasons in [incompatibilities(b, i, e)]]
     if as_json:
-        typer.echo(json.dumps({i: {b: (r is None) for b, r in row.items()} for i, row in cells.items()}, indent=2))
+        data: dict[str, Any] = {i: {b: (r is None) for b, r in row.items()} for i, row in by_injector.items()
+                                if i not in RESERVED_COMPAT_KEYS}
+        data["extractors"] = {e: {b: (r is None) for b, r in row.items()} for e, row in by_extractor.items()}
+        data["combinations"] = combinations
+        typer.echo(json.dumps(data, indent=2))
         return
-    table = Table("injector", *[b.name for b in backbones], title="supported pairs")
-    for name, row in cells.items():
-        table.add_row(name, *["yes" if r is None else "[red]no[/red]" for r in row.values()])
+    for kind, cells in (("injector", by_injector), ("extractor", by_extractor)):
+        table = Table(kind, *[b.name for b in backbones], title=f"{kind} x backbone: supported pairs")
+        for name, row in cells.items():
+            table.add_row(name, *["yes" if r is None else "[red]no[/red]" for r in row.values()])
+        console.print(table)
+    table = Table("backbone", *[i.name for i in injectors],
+                  title="backbone x injector x extractor: the extractors each backbone and injector run with")
+    for b in backbones:
+        runs = [", ".join(c["extractor"] for c in combinations
+                          if c["backbone"] == b.name and c["injector"] == i.name and c["supported"])
+                for i in injectors]
+        table.add_row(b.name, *[r or "[red]none[/red]" for r in runs])
     console.print(table)

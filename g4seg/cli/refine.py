@@ -218,6 +218,25 @@ def refine_command(
                                          "a bias control: self (the image itself) or noise (seeded noise with the "
                                          "image's per-channel mean and std); default model.")
     ] = None,
+    noise: Annotated[
+        Optional[str], typer.Option(help="How the latent reaches t_s: add (one seeded noise addition, the paper's), "
+                                         "ddim-inversion, or null-text (DDIM inversion plus an optimised null "
+                                         "embedding; guided step); default add.")
+    ] = None,
+    inversion_steps: Annotated[
+        Optional[int], typer.Option(help="DDIM inversion steps from 0 to t_s (ddim-inversion, null-text); "
+                                         "default 20.")
+    ] = None,
+    inversion_prompt: Annotated[
+        Optional[str], typer.Option(help="Conditioning of the inversion: empty (once per image) or class (each "
+                                         "class's prompt, once per class); default empty.")
+    ] = None,
+    null_text_iters: Annotated[
+        Optional[int], typer.Option(help="null-text: Adam iterations on the null embedding; default 10.")
+    ] = None,
+    null_text_lr: Annotated[
+        Optional[float], typer.Option(help="null-text: Adam learning rate; default 0.01.")
+    ] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda:N; default auto.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="auto, fp16, bf16 or fp32; default auto.")] = None,
     offline: Annotated[bool, typer.Option("--offline", help="Never contact the Hugging Face Hub.")] = False,
@@ -246,7 +265,8 @@ def refine_command(
         mask_source=mask_source, timestep=timestep, beta=beta, cf=band, seed=seed, prompt=prompt,
         resolution=resolution, ramp_width=ramp_width, merge=merge, bg_threshold=bg_threshold, prob_thd=prob_thd,
         area_thd=area_thd, bg_power=bg_power, guidance_scale=guidance_scale, class_embedding=class_embedding,
-        class_batch=class_batch, generator=generator,
+        class_batch=class_batch, generator=generator, noise=noise, inversion_steps=inversion_steps,
+        inversion_prompt=inversion_prompt, null_text_iters=null_text_iters, null_text_lr=null_text_lr,
         device=device, dtype=dtype, offline=offline or None, options=options or None,
     )
     from g4seg.plugins import registry

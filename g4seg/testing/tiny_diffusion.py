@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from diffusers import (
     AutoencoderKL,
+    ControlNetModel,
     DDIMScheduler,
     EulerDiscreteScheduler,
     LatentConsistencyModelPipeline,
@@ -157,4 +158,30 @@ def save_tiny_lcm(path: str | Path) -> Path:
 def save_tiny_vae(path: str | Path, **config: Any) -> Path:
     """A standalone VAE repo (weights at the root, like madebyollin/sdxl-vae-fp16-fix)."""
     tiny_vae(11, **config).save_pretrained(path, safe_serialization=True)
+    return Path(path)
+
+
+def tiny_controlnet(seed: int = 12, **unet_config: Any) -> ControlNetModel:
+    """A ControlNet for the tiny SD UNet, made as real ones are (``ControlNetModel.from_unet``: the UNet's
+    config and encoder weights, a 3-stage 8x condition encoder for the 64 px image), but with its zero
+    convolutions (condition encoder output, down and mid residual projections) seeded random: a freshly
+    made ControlNet adds exactly zero, which would hide whether its residuals reach the UNet.
+    ``unet_config`` overrides the UNet it is made from (e.g. ``cross_attention_dim=48`` for another family).
+    """
+    unet = _sd_unet(3, **unet_config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8, 8, 8))
+        zero_convs = [net.controlnet_cond_embedding.conv_out, *net.controlnet_down_blocks, net.controlnet_mid_block]
+        with torch.no_grad():
+            for conv in zero_convs:
+                conv.weight.normal_(0.0, 0.3)
+                conv.bias.normal_(0.0, 0.1)
+    return net.eval()
+
+
+def save_tiny_controlnet(path: str | Path, **unet_config: Any) -> Path:
+    """A seg ControlNet repo (config.json and safetensors weights at the root, like
+    lllyasviel/control_v11p_sd15_seg) matching :func:`save_tiny_sd`'s UNet; see :func:`tiny_controlnet`."""
+    tiny_controlnet(**unet_config).save_pretrained(path, safe_serialization=True)
     return Path(path)

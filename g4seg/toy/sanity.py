@@ -1,9 +1,9 @@
 """Sanity figures of the toy world (issue 8, item 3): does each piece of the method do its job at all?
 
-Measured on held-out scenes with the library's own pieces (``backbone.encode/predict/decode``,
-:mod:`g4seg.diffusion_math`, the injector's ``inject``, :meth:`Refiner.refine`,
-:func:`g4seg.correspondence.source_pixels`); noise is the refiner's (``seeded_noise(seed)``, one draw
-reused for every image, as every refinement does).
+Measured on held-out scenes with the library's own pieces (the refiner's one-step generation,
+:meth:`Refiner.noised` and :meth:`Refiner.denoise`, with the configured injector or none,
+:meth:`Refiner.refine`, :func:`g4seg.correspondence.source_pixels`); noise is the refiner's (the config's
+``noise``; with ``add``, ``seeded_noise(seed)``, one draw reused for every image, as every refinement does).
 
 - **reconstruction**: PSNR of the VAE's reconstruction, and of one-step x~0 at ``timestep`` prompted with
   the scene's caption, against the input, against the VAE's own reconstruction (what the UNet could at
@@ -136,24 +136,15 @@ def pixels_of(scenes: Sequence[Scene], size: int) -> "torch.Tensor":
 def one_step(parts: Parts, pixels: "torch.Tensor", prompts: list[str], injector: "Injector | None" = None,
              masks: "torch.Tensor | None" = None, tokens: list[list[int]] | None = None) -> "torch.Tensor":
     """Decoded x~0 (B, 3, S, S) in [0, 1] of one UNet step at the config's timestep, with ``injector`` binding
-    ``masks`` (B, S, S) bool to the ``tokens`` of each prompt when given."""
-    from contextlib import nullcontext
-
-    from g4seg import diffusion_math
-
-    bb, cfg = parts.backbone, parts.config
+    ``masks`` (B, S, S) bool to the ``tokens`` of each prompt when given: the refiner's own two halves
+    (:meth:`Refiner.noised`, :meth:`Refiner.denoise`; the config's ``noise`` and guidance included), for a batch
+    of images with one prompt each."""
+    bb, refiner = parts.backbone, parts.refiner
     with no_grad():
+        hw = tuple(pixels.shape[-2:])
         z0 = bb.encode(pixels.to(bb.device, bb.dtype))
-        alpha_bar = bb.alphas_cumprod[cfg.timestep].to(bb.device)
-        noise = diffusion_math.seeded_noise((1, *z0.shape[1:]), cfg.seed).to(bb.device, z0.dtype)
-        z_t = diffusion_math.add_noise(z0, alpha_bar, noise.expand_as(z0))
-        cond = bb.encode_prompts(prompts, tuple(pixels.shape[-2:]))
-        context = nullcontext({}) if injector is None else \
-            injector.inject(bb, masks.to(bb.device), tokens, cfg.timestep)
-        with context as extra:
-            output = bb.predict(z_t, cfg.timestep, cond, **extra)
-        x0 = diffusion_math.predict_x0(output, z_t, alpha_bar, bb.prediction_type)
-        return bb.decode(x0.to(bb.dtype)).float().clamp(0, 1).cpu()
+        cond = bb.encode_prompts(prompts, hw)
+        return refiner.denoise(refiner.noised(z0, hw, cond), cond, injector, masks, tokens).cpu()
 
 
 def vae_reconstruction(parts: Parts, pixels: "torch.Tensor") -> "torch.Tensor":
