@@ -7,7 +7,8 @@ Builds (or reuses, ``--models DIR``) a random-weight SD repo of the real archite
 (:mod:`g4seg.testing.real_size`) and uses a random open_clip ViT-B-16-quickgelu, loads them through
 the normal path (``Refiner.from_config``), then per dtype times each stage of one refinement with
 the refiner's own components: VAE encode, text encode, the UNet call under injectors ``none``,
-``attn`` rule ``dense`` and rule ``eq5``, VAE decode, CLIP features (original + generated),
+``attn`` rule ``dense`` and rule ``eq5``, VAE decode, the same decode by a random TAESD of the released
+size (``-o backbone.decoder=taesd``), CLIP features (original + generated),
 correspondence + mix, and the whole ``refine()``. Warm-up calls are not timed; on CUDA every
 timing is bracketed by ``torch.cuda.synchronize``. Health: non-finite counts and absolute maxima
 of every intermediate, and the largest differences of each dtype's outputs from the fp32 run.
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -37,12 +37,11 @@ from g4seg import Refiner, correspondence, diffusion_math
 from g4seg.config import RefineConfig
 from g4seg.plugins import registry
 from g4seg.runtime import resolve_runtime
-from g4seg.testing.real_size import save_real_size_sd
+from g4seg.testing.real_size import (CLASS_NAMES, CLIP_MODEL, device_name, ensure_real_size_sd, random_clip_options,
+                                    synthetic_inputs)
 
-CLASS_NAMES = ("cat", "potted plant", "tv monitor", "dog", "person", "dining table", "bird", "car")
 UNET_VARIANTS = {"unet[none]": ("none", {}), "unet[dense]": ("attn", {"rule": "dense"}),
                  "unet[eq5]": ("attn", {"rule": "eq5"})}
-CLIP_MODEL = "ViT-B-16-quickgelu"
 
 
 def parse_args() -> argparse.Namespace:
@@ -58,6 +57,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--models", type=Path, default=None, help="folder for the random SD repo: reused if it "
                                                              "holds model_index.json, else built there")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--compile", action="store_true", help="RefineConfig compile: torch.compile the UNet, VAE and "
+                                                          "CLIP; the warm-up calls then include compilation")
     args = p.parse_args()
     cuda = torch.device(args.device).type == "cuda"
     args.dtypes = (args.dtypes or ("fp32,fp16,bf16" if cuda else "fp32")).split(",")
@@ -70,21 +71,6 @@ def parse_args() -> argparse.Namespace:
     if args.resolution % 64:
         p.error("--resolution must be a multiple of 64 (the UNet downsamples the 8x latent three times)")
     return args
-
-
-def synthetic_inputs(size: int, k: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """A smooth image with K soft elliptic blobs and their probabilities (soft, so every class is refined)."""
-    ys, xs = np.mgrid[0:size, 0:size] / size
-    rng = np.random.default_rng(0)
-    probs = np.empty((k, size, size), np.float32)
-    image = np.stack([xs, ys, 0.5 * (xs + ys)], -1) * 0.4
-    for c in range(k):
-        cy, cx = rng.uniform(0.25, 0.75, 2)
-        ry, rx = rng.uniform(0.12, 0.3, 2)
-        dist = ((ys - cy) / ry) ** 2 + ((xs - cx) / rx) ** 2
-        probs[c] = 1 / (1 + np.exp(4 * (dist - 1)))  # 0.5 on the ellipse, a wide band in [0.2, 0.6]
-        image = image + probs[c][..., None] * rng.uniform(0.1, 0.6, 3)
-    return (image.clip(0, 1) * 255).round().astype(np.uint8), probs, list(CLASS_NAMES[:k])
 
 
 class Timer:
@@ -128,9 +114,9 @@ def bench_dtype(dtype: str, models: Path, args: argparse.Namespace) -> tuple[dic
     size = args.resolution
     config = RefineConfig(
         backbone=args.family, injector="attn", extractor="clip", device=args.device, dtype=dtype, offline=True,
-        resolution=size, class_batch=args.classes,
+        resolution=size, class_batch=args.classes, compile=args.compile,
         options={"backbone": {"model": f"local-dir:{models}"},
-                 "extractor": {"model": CLIP_MODEL, "pretrained": "none"}})
+                 "extractor": random_clip_options()})
     torch.manual_seed(0)  # the random CLIP weights come from the global RNG: same seed, same weights per dtype
     refiner = Refiner.from_config(config)
     runtime = resolve_runtime(config.device, config.dtype, config.offline)
@@ -165,12 +151,19 @@ def bench_dtype(dtype: str, models: Path, args: argparse.Namespace) -> tuple[dic
         output = outputs["unet[dense]"]  # the refiner's default injector
         x0 = diffusion_math.predict_x0(output, z_t, alpha_bar, bb.prediction_type)
         images, stages["vae_decode"] = timer(lambda: bb.decode(x0.to(bb.dtype)).float().clamp(0, 1))
+        vae_decoder, bb.decoder = bb.decoder, random_taesd(bb.device, bb.dtype)  # -o backbone.decoder=taesd
+        try:
+            tiny_images, stages["vae_decode[taesd]"] = timer(lambda: bb.decode(x0.to(bb.dtype)).float().clamp(0, 1))
+            report["params_m"]["taesd_decoder"] = _millions(bb.decoder.decoder)
+        finally:
+            bb.decoder = vae_decoder
         (orig, gen), stages["clip"] = timer(lambda: (ext(pixels)[0].float().cpu(), ext(images).float().cpu()))
         (mixed, _), stages["correspond_mix"] = timer(
             lambda: correspondence.refine(torch.from_numpy(probs), orig, gen, cfg.beta, cfg.cf))
     result, stages["refine"] = timer(lambda: refiner.refine(image, probs, classes, return_generated=True))
 
-    for name, tensor in [("latents", z0), *outputs.items(), ("decoded", images), ("features_original", orig),
+    for name, tensor in [("latents", z0), *outputs.items(), ("decoded", images), ("decoded_taesd", tiny_images),
+                         ("features_original", orig),
                          ("features_generated", gen), ("refined_stage", mixed),
                          ("refined", torch.from_numpy(result.probs))]:
         health(name, tensor, report)
@@ -181,8 +174,20 @@ def bench_dtype(dtype: str, models: Path, args: argparse.Namespace) -> tuple[dic
     report["stages_sum_s"] = sum(stages[name]["median_s"] for name in parts)
     generated = np.stack([result.generated[c] for c in classes]).astype(np.float32) / 255
     compare = {"unet[dense]": output.float().cpu().numpy(), "generated": generated,
+               "decoded_taesd": tiny_images.cpu().numpy(),
                "features_generated": gen.numpy(), "refined": result.probs}
     return report, compare
+
+
+def random_taesd(device: torch.device, dtype: torch.dtype) -> Any:
+    """TAESD at its released size (diffusers' AutoencoderTiny defaults are madebyollin/taesd's architecture: a
+    1,222,531-parameter decoder, as its README lists) with seeded random weights, for the taesd decoder option."""
+    from diffusers import AutoencoderTiny
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoencoderTiny()
+    return model.to(device, dtype).eval().requires_grad_(False)
 
 
 def _millions(module: torch.nn.Module) -> float:
@@ -229,12 +234,6 @@ def print_tables(results: dict[str, Any], meta: dict[str, Any]) -> None:
                 f"{name} {value:.4g}" for name, value in results[d]["max_abs_diff_vs_fp32"].items()))
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
-
-
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
@@ -244,7 +243,7 @@ def main() -> None:
         if not (models / "model_index.json").is_file():
             start = time.perf_counter()
             print(f"building a random {args.family} repo in {models} (~2.5 GB) ...", flush=True)
-            save_real_size_sd(models, args.family)
+            ensure_real_size_sd(models, args.family)
             print(f"built in {time.perf_counter() - start:.0f} s", flush=True)
         results: dict[str, Any] = {}
         reference: dict[str, np.ndarray] | None = None
@@ -263,6 +262,7 @@ def main() -> None:
     add_ratios(results)
     meta = {"family": args.family, "device": str(device), "device_name": device_name(device),
             "resolution": args.resolution, "classes": args.classes, "repeats": args.repeats, "warmup": args.warmup,
+            "compile": args.compile,
             "clip": f"{CLIP_MODEL} pretrained=none, input {args.resolution}", "torch": torch.__version__,
             "diffusers": diffusers.__version__, "transformers": transformers.__version__}
     print_tables(results, meta)

@@ -16,11 +16,11 @@ __version__ = "0.1.0"
 # the plugin API: hook names and signatures, ComponentSpec, Options, Runtime and the component protocols;
 # raised when one of them changes incompatibly (docs/plugins.md)
 PLUGIN_API = 1
-__all__ = ["PLUGIN_API", "RefineConfig", "RefineResult", "Refiner", "__version__"]
+__all__ = ["PLUGIN_API", "RefineConfig", "RefineItem", "RefineResult", "Refiner", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("Refiner", "RefineResult"):
+    if name in ("Refiner", "RefineResult", "RefineItem"):
         from g4seg import refiner
 
         return getattr(refiner, name)

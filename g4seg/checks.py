@@ -87,6 +87,7 @@ def check_settings(config: Any, classes: Sequence[str]) -> Any:
     from g4seg.config import guidance_refusal
     from g4seg.plugins import registry
     from g4seg.registry import incompatibilities
+    from g4seg.acceleration import check_speed_settings
     from g4seg.runtime import resolve_runtime
 
     reg = registry()
@@ -102,6 +103,7 @@ def check_settings(config: Any, classes: Sequence[str]) -> Any:
     if reason:
         raise G4SegError(reason)
     runtime = resolve_runtime(config.device, config.dtype, config.offline)
+    check_speed_settings(config.compile, config.offload, runtime.device)  # --offload without CUDA, with --compile
     check_class_names(classes, config.prompt, clip_text=bool(CLIP_TEXT_FAMILIES & specs["backbone"].tags))
     check_injector_classes(specs["injector"], config.component_options("injector"), classes, runtime)
     return runtime

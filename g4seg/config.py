@@ -55,7 +55,10 @@ class RefineConfig(BaseModel):
     class_embedding: Literal["prompt", "alone"] = Field(
         "prompt", description="class-name token embeddings: from the prompt, or of the name encoded alone "
                               "(DenseDiffusion)")
-    class_batch: int = Field(8, ge=1, description="classes per UNet call")
+    class_batch: int = Field(8, ge=1, description="classes per UNet call; with image_batch > 1, (image, class) "
+                             "pairs of several images per UNet call: the cap on the UNet batch either way")
+    image_batch: int = Field(1, ge=1, description="folder and dataset runs: images whose classes are pooled into "
+                             "shared UNet calls (at most class_batch pairs per call); speed only, same outputs")
     generator: Literal["model", "self", "noise"] = Field(
         "model", description="the image Eq. 8 compares with: the one-step generation (model), or a bias control: "
                              "the image itself (self) or seeded noise with its per-channel mean and std (noise)")
@@ -73,6 +76,10 @@ class RefineConfig(BaseModel):
     device: str = "auto"
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
     offline: bool = False
+    compile: bool = Field(False, description="torch.compile (static shapes) the UNet, the VAE and the extractor's "
+                                             "model; each new batch size compiles once first; speed only")
+    offload: bool = Field(False, description="CUDA only: keep the backbone's models in CPU memory, each moved to "
+                                             "the GPU only while it runs (less GPU memory, slower); speed only")
     options: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator("cf")

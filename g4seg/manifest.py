@@ -18,7 +18,14 @@ from g4seg.plugins import registry
 
 MANIFEST_GLOB = "manifest*.jsonl"
 # Settings that choose where or how fast the work runs, not what it computes.
-UNHASHED = frozenset({"device", "offline", "class_batch"})
+UNHASHED = frozenset({"device", "offline", "class_batch", "image_batch", "compile", "offload"})
+# Component options of that kind (results equal up to floating-point rounding), by component kind.
+UNHASHED_OPTIONS: dict[str, frozenset[str]] = {"backbone": frozenset({"vae_slicing", "channels_last"})}
+# Component options added after run folders existed, left out of the hash at these values so that those folders
+# resume; an option mapped to (other option, value) is left out unless the other option has that value (it is
+# read only then: taesd_model only matters with decoder = "taesd").
+OPTIONS_ADDED_AT_DEFAULT: dict[str, dict[str, Any]] = {
+    "backbone": {"decoder": "vae", "vae_tiling": False, "taesd_model": ("decoder", "taesd")}}
 
 
 @dataclass
@@ -32,7 +39,9 @@ class Entry:
     outputs written ("generated", "overlay", "coarse"). Lines written before identities were recorded
     (no ``output_ids``) are judged by input paths and output existence, as then. ``noise_seconds`` is the
     part of ``seconds`` spent bringing the latent to t_s (the ``noise`` setting: a noise addition, or an
-    inversion; None when nothing was generated, or on lines from before it was recorded).
+    inversion; None when nothing was generated, or on lines from before it was recorded). With ``compile``,
+    ``warmup_seconds`` is on the line of an image whose refinement compiled models (the first, and any with a new
+    batch size): that refinement's seconds, compilation included; None on every other line.
     """
 
     stem: str
@@ -50,6 +59,7 @@ class Entry:
     mask_id: dict[str, Any] | None = None
     output_ids: dict[str, dict[str, Any]] = field(default_factory=dict)
     noise_seconds: float | None = None
+    warmup_seconds: float | None = None
 
     @classmethod
     def from_line(cls, line: str) -> "Entry | None":
@@ -113,7 +123,8 @@ def latest_entries(out_dir: Path) -> dict[str, Entry]:
 
 # settings added after run folders existed: left out of the hash at their default, so those folders resume
 ADDED_AT_DEFAULT: dict[str, Any] = {"generator": "model", "noise": "add", "inversion_steps": 20,
-                                    "inversion_prompt": "empty", "null_text_iters": 10, "null_text_lr": 0.01}
+                                    "inversion_prompt": "empty", "null_text_iters": 10, "null_text_lr": 0.01,
+                                    "image_batch": 1}  # image_batch: unhashed anyway (UNHASHED)
 
 
 def hashed_settings(config: RefineConfig, classes: Sequence[str], dtype: str) -> dict[str, Any]:
@@ -122,7 +133,8 @@ def hashed_settings(config: RefineConfig, classes: Sequence[str], dtype: str) ->
     Component names become their canonical names and component options are validated by the
     component's Options model with defaults filled in, so ``-o key=0.5`` (a string) and ``key = 0.5``
     in TOML, or an alias and its name, hash the same. ``dtype`` is the resolved one (fp16 and fp32
-    give different numbers); device, offline mode and class batching are left out.
+    give different numbers); device, offline mode, class and image batching, compile, offload and the
+    speed-only component options (:data:`UNHASHED_OPTIONS`) are left out.
     """
     reg = registry()
     data = config.model_dump(mode="json", exclude=set(UNHASHED | {"options", "dtype", *COMPONENT_KINDS}))
@@ -138,8 +150,23 @@ def hashed_settings(config: RefineConfig, classes: Sequence[str], dtype: str) ->
             continue
         spec = reg.get(kind, name)
         options = spec.parse_options(config.component_options(kind)).model_dump(mode="json")
-        data[kind] = {"name": spec.name, "options": options}
+        data[kind] = {"name": spec.name, "options": _hashed_options(kind, options)}
     return data
+
+
+def _hashed_options(kind: str, options: dict[str, Any]) -> dict[str, Any]:
+    """A component's options without those of :data:`UNHASHED_OPTIONS` and :data:`OPTIONS_ADDED_AT_DEFAULT`."""
+    kept = {key: value for key, value in options.items() if key not in UNHASHED_OPTIONS.get(kind, ())}
+    for key, default in OPTIONS_ADDED_AT_DEFAULT.get(kind, {}).items():
+        if key not in kept:
+            continue
+        if isinstance(default, tuple):
+            other, value = default
+            if options.get(other) != value:
+                del kept[key]
+        elif kept[key] == default:
+            del kept[key]
+    return kept
 
 
 def settings_hash(settings: dict[str, Any]) -> str:

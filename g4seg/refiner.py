@@ -24,13 +24,21 @@ the paper's), ``ddim-inversion`` or ``null-text`` (Table IV); the inversions and
 :mod:`g4seg.inversion`. :meth:`Refiner.noised` and :meth:`Refiner.denoise` are the two halves of the
 generation, shared with the toy sanity figures (:func:`g4seg.toy.sanity.one_step`); the seconds spent in
 the first half are reported per image (``RefineResult.noise_seconds``, the manifest's ``noise_seconds``).
+
+``compile`` and ``offload`` change how fast and in how much GPU memory the models run, not what they compute
+(:mod:`g4seg.acceleration`): components with a ``compile_models()`` method compile their models when the refiner
+is built, and a call that compiled something reports its seconds (``RefineResult.warmup_seconds``, the manifest's
+``warmup_seconds``, one stderr line); ``offload`` reaches the backbone through ``Runtime.offload``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -38,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from g4seg import correspondence, diffusion_math, inversion, masks
+from g4seg.acceleration import check_speed_settings, compiled_graphs
 from g4seg.components import Backbone, Conditioning, Extractor, Injector, PostProcessor
 from g4seg.config import NO_GUIDANCE_TAG, RefineConfig, guidance_refusal  # noqa: F401 (NO_GUIDANCE_TAG: re-exported)
 from g4seg.errors import G4SegError
@@ -65,6 +74,39 @@ class RefineResult:
     generated: dict[str, np.ndarray] | None = None
     correspondence: dict[str, np.ndarray] | None = None
     noise_seconds: float | None = None  # time spent bringing the latent to t_s (``noise``); None: no generation
+    warmup_seconds: float | None = None  # with ``compile``: this call's seconds when it compiled models, else None
+
+
+@dataclass
+class RefineItem:
+    """One image for :meth:`Refiner.refine_many`: the arguments of :meth:`Refiner.refine`, by the same names."""
+
+    image: np.ndarray
+    probs: np.ndarray
+    classes: Sequence[str]
+    background: np.ndarray | None = None
+    ignore: np.ndarray | None = None
+    source_rule: masks.MergeRule | None = None
+    return_generated: bool = False
+    return_correspondence: bool = False
+
+
+@dataclass
+class _Image:
+    """One image between its input checks and its merge: the probabilities Eq. 9 updates in place, the input label
+    map and rule, the classes with pixels in the band, and what the generation left (kept apart per image, so that
+    several images can share UNet calls)."""
+
+    image: np.ndarray
+    classes: list[str]
+    refined: torch.Tensor  # (K, H, W) float32
+    coarse: np.ndarray  # (H, W) the input label map
+    rule: masks.MergeRule
+    background: np.ndarray | None
+    active: list[int]
+    generated: dict[str, np.ndarray] = field(default_factory=dict)
+    matches: dict[str, np.ndarray] = field(default_factory=dict)
+    spent: list[float] = field(default_factory=list)  # seconds of each time a latent was brought to t_s
 
 
 @dataclass
@@ -85,8 +127,41 @@ def model_input(images: np.ndarray, size: int) -> torch.Tensor:
     return F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
 
 
+def _times_warmup(method: Callable[..., Any]) -> Callable[..., Any]:
+    """With ``compile``, a call during which torch.compile compiled graphs (the first call, and any that meets new
+    shapes, e.g. a new number of classes in one UNet call) is a warm-up: its seconds go to its first result's
+    ``warmup_seconds`` (a run's manifest records it) and one line on stderr says so. Without torch's graph
+    counter (:func:`g4seg.acceleration.compiled_graphs` = -1) the first call counts."""
+
+    @functools.wraps(method)
+    def timed(self: "Refiner", *args: Any, **kwargs: Any) -> Any:
+        if not self.config.compile or self._timing:
+            return method(self, *args, **kwargs)
+        self._timing = True
+        graphs, start = compiled_graphs(), _clock(self.backbone.device)
+        try:
+            out = method(self, *args, **kwargs)
+        finally:
+            self._timing = False
+        seconds = _clock(self.backbone.device) - start
+        new = compiled_graphs() - graphs
+        if (new > 0) if graphs >= 0 else not self._called:
+            results = [r for r in (out if isinstance(out, list) else [out]) if isinstance(r, RefineResult)]
+            if results:  # what a run records in the image's manifest line
+                results[0].warmup_seconds = round(seconds, 4)
+            graphs_text = f"{new} new graph(s)" if graphs >= 0 else "its models"
+            print(f"g4seg: torch.compile: compiled {graphs_text} ({', '.join(self.compiled) or 'nothing'}) in a "
+                  f"refinement that took {seconds:.1f} s; later calls with the same shapes reuse them",
+                  file=sys.stderr, flush=True)
+        self._called = True
+        return out
+
+    return timed
+
+
 class Refiner:
-    """Refines coarse per-class probabilities of one image at a time."""
+    """Refines coarse per-class probabilities of one image (:meth:`refine`), or of several whose classes share
+    UNet calls (:meth:`refine_many`, what folder and dataset runs use with ``image_batch`` > 1)."""
 
     def __init__(self, config: RefineConfig, backbone: Backbone, injector: Injector, extractor: Extractor,
                  postprocessor: PostProcessor | None = None) -> None:
@@ -99,12 +174,25 @@ class Refiner:
             attach = getattr(part, "attach", None)  # of this UNet, or a ControlNet that must fit it
             if callable(attach):
                 attach(backbone)
+        self.compiled: list[str] = []  # what ``compile`` compiled (g4seg.acceleration)
+        self._timing = False  # a timed call is running (refine_many refines an image alone through refine)
+        self._called = False
+        if config.compile:
+            for part in (backbone, extractor):  # optional protocol method: compile the component's own models
+                compile_models = getattr(part, "compile_models", None)
+                if callable(compile_models):
+                    self.compiled += compile_models()
+            if not self.compiled:
+                print(f"g4seg: --compile: neither the backbone ({config.backbone}) nor the extractor "
+                      f"({config.extractor}) can compile its models; they run eagerly", file=sys.stderr, flush=True)
 
     @classmethod
     def from_config(cls, config: RefineConfig, runtime: Runtime | None = None) -> "Refiner":
         """Build every component by name; an unsupported backbone x injector or backbone x extractor pair is a
         G4SegError, raised before any model loads."""
         runtime = runtime or resolve_runtime(config.device, config.dtype, config.offline)
+        check_speed_settings(config.compile, config.offload, runtime.device)
+        runtime = dataclasses.replace(runtime, offload=config.offload)
         reg = registry()
         backbone_spec = reg.get("backbone", config.backbone)
         injector_spec = reg.get("injector", config.injector)
@@ -137,6 +225,7 @@ class Refiner:
     def resolution(self) -> int:
         return self.config.resolution or self.backbone.resolution
 
+    @_times_warmup
     def refine(self, image: np.ndarray, probs: np.ndarray, classes: Sequence[str], *,
                background: np.ndarray | None = None, ignore: np.ndarray | None = None,
                source_rule: masks.MergeRule | None = None, return_generated: bool = False,
@@ -146,7 +235,72 @@ class Refiner:
         ``background`` (H, W) is the baseline's background channel, if it has one; ``source_rule``
         the baseline's own merge rule (used when the config's ``merge`` is ``auto``).
         """
-        classes = list(classes)
+        state = self._prepare(image, probs, list(classes), background, source_rule)
+        if state.active:
+            with torch.inference_mode():
+                self._generate([state])
+        return self._finish(state, ignore, return_generated, return_correspondence)
+
+    @_times_warmup
+    def refine_many(self, items: Sequence[RefineItem]) -> list[RefineResult | Exception]:
+        """Refine several images, their classes pooled into shared UNet calls; one outcome per item, in order.
+
+        Each image is encoded, noised and described by the extractor alone (batch 1, as :meth:`refine` does);
+        then its (image, class) pairs, image after image, go through the UNet, the decoder and the extractor in
+        batches of at most ``class_batch`` pairs, so the UNet batch is capped by ``class_batch`` whatever the
+        number of images. Each image keeps its own noise (the same seeded draw as alone), injection masks,
+        prompts and Eq. 9 update, so its result equals :meth:`refine` of that image alone up to the batch
+        size's effect on floating point (docs/runs.md). Pooling applies to ``generator = "model"`` with ``noise``
+        ``add`` or ``ddim-inversion`` on the empty prompt; per-class inversions and null-text, whose optimisation
+        runs per batch, and the controls (no UNet) refine each image alone.
+
+        An image whose inputs are bad gets its one-line exception in its place and the others go on; if a pooled
+        call fails (e.g. out of memory), each image of the pool is refined alone, so every error is its own image's.
+        """
+        outcomes: list[RefineResult | Exception | None] = [None] * len(items)
+        states: dict[int, _Image] = {}
+        for i, item in enumerate(items):
+            try:
+                states[i] = self._prepare(item.image, item.probs, list(item.classes), item.background,
+                                          item.source_rule)
+            except Exception as exc:  # noqa: BLE001 - a bad input is that image's outcome
+                outcomes[i] = exc
+        pool = [i for i, state in states.items() if state.active]
+        if len(pool) > 1 and self._pools():
+            try:
+                with torch.inference_mode():
+                    self._refine_pooled([states[i] for i in pool])
+            except Exception:  # noqa: BLE001 - redo each image alone: its error, if any, is its own
+                for i in pool:
+                    del states[i]
+                    outcomes[i] = self._alone(items[i])
+        else:
+            for i in pool:
+                try:
+                    with torch.inference_mode():
+                        self._generate([states[i]])
+                except Exception as exc:  # noqa: BLE001
+                    del states[i]
+                    outcomes[i] = exc
+        for i, state in states.items():
+            item = items[i]
+            try:
+                outcomes[i] = self._finish(state, item.ignore, item.return_generated, item.return_correspondence)
+            except Exception as exc:  # noqa: BLE001
+                outcomes[i] = exc
+        return outcomes  # type: ignore[return-value]  (every slot is filled above)
+
+    def _alone(self, item: RefineItem) -> RefineResult | Exception:
+        try:
+            return self.refine(item.image, item.probs, item.classes, background=item.background, ignore=item.ignore,
+                               source_rule=item.source_rule, return_generated=item.return_generated,
+                               return_correspondence=item.return_correspondence)
+        except Exception as exc:  # noqa: BLE001
+            return exc
+
+    def _prepare(self, image: np.ndarray, probs: np.ndarray, classes: list[str], background: np.ndarray | None,
+                 source_rule: masks.MergeRule | None) -> _Image:
+        """Check the inputs, compute the input label map (and a hard input's ramps) and the classes in the band."""
         self._check_inputs(image, probs, classes, background)
         probs = probs.astype(np.float32)  # our own copy: Eq. 9 updates it in place
         if masks.is_hard(probs, background):
@@ -159,14 +313,13 @@ class Refiner:
         refined = torch.from_numpy(probs)
         lo, hi = self.config.cf
         active = [k for k in range(len(classes)) if ((refined[k] >= lo) & (refined[k] <= hi)).any()]
-        generated: dict[str, np.ndarray] = {}
-        matches: dict[str, np.ndarray] = {}
-        spent: list[float] = []  # seconds of each time a latent was brought to t_s
-        if active:
-            labels = torch.from_numpy(coarse)
-            with torch.inference_mode():
-                self._refine_active(image, refined, labels, classes, active, generated, matches, spent)
-        out = refined.numpy()
+        return _Image(image, classes, refined, coarse, rule, background, active)
+
+    def _finish(self, state: _Image, ignore: np.ndarray | None, return_generated: bool,
+                return_correspondence: bool) -> RefineResult:
+        """The post-processor and the merge of one image, after its generation."""
+        image, out, background, rule, coarse = state.image, state.refined.numpy(), state.background, state.rule, \
+            state.coarse
         if getattr(self.postprocessor, "background_aware", False):  # components.SeesBackground (a dense CRF)
             posterior = self.postprocessor(image, out, background=background, rule=rule)
             out, background, rule = posterior.probs, posterior.background, posterior.merge or rule
@@ -174,8 +327,10 @@ class Refiner:
             out = self.postprocessor(image, out)
         if ignore is not None:
             coarse[ignore] = masks.IGNORE_LABEL
-        return RefineResult(out, rule.labels(out, background, ignore), classes, coarse, background,
-                            generated if return_generated else None, matches if return_correspondence else None,
+        spent = state.spent
+        return RefineResult(out, rule.labels(out, background, ignore), state.classes, coarse, background,
+                            state.generated if return_generated else None,
+                            state.matches if return_correspondence else None,
                             round(sum(spent), 6) if spent else None)
 
     def _check_inputs(self, image: np.ndarray, probs: np.ndarray, classes: list[str],
@@ -197,21 +352,79 @@ class Refiner:
             if not np.isfinite(background).all() or background.min() < 0 or background.max() > 1:
                 raise G4SegError("background probabilities must be finite and within [0, 1]")
 
-    def _refine_active(self, image: np.ndarray, refined: torch.Tensor, coarse: torch.Tensor, classes: list[str],
-                       active: list[int], generated: dict[str, np.ndarray], matches: dict[str, np.ndarray],
-                       spent: list[float]) -> None:
+    def _pools(self) -> bool:
+        """Whether the classes of several images can share UNet calls: the one-step generation from a latent
+        brought to t_s once per image, independently of the classes (``add``, or DDIM inversion on the empty
+        prompt). Per-class inversions and null-text run per batch of one image's classes; controls have no UNet."""
+        cfg = self.config
+        return cfg.generator == "model" and (
+            cfg.noise == "add" or (cfg.noise == "ddim-inversion" and cfg.inversion_prompt == "empty"))
+
+    def _generate(self, states: list[_Image]) -> None:
+        """Eq. 8-9 for the classes in the band of ``states`` (pooled where :meth:`_pools`, else image by image)."""
+        if self._pools():
+            self._refine_pooled(states)
+            return
+        for state in states:
+            self._refine_active(state)
+
+    def _refine_pooled(self, states: list[_Image]) -> None:
+        """The paper's generation for the (image, class) pairs of ``states``, at most ``class_batch`` per UNet call.
+
+        Per image, alone (batch 1, exactly as for one image): model input, original features, VAE encode, the
+        latent at t_s and the injection masks. Then each batch of pairs stacks its images' latents (a batch of one
+        image's classes keeps that image's latent as one entry, expanded, as :meth:`denoise` always did), its
+        prompts and masks, runs one injected UNet step, the decoder and the extractor, and each image's Eq. 9
+        update reads only its own pairs and its own original features.
+        """
         bb, cfg, size = self.backbone, self.config, self.resolution
-        pixels = model_input(image[None], size)
+        hw = (size, size)
+        originals, latents, injections = [], [], []
+        for state in states:
+            pixels = model_input(state.image[None], size)
+            originals.append(self.extractor(pixels.to(bb.device))[0].float().cpu())
+            noised = self.noised(bb.encode(pixels.to(bb.device, bb.dtype)), hw)
+            state.spent.append(noised.seconds)
+            latents.append(noised.z_t)
+            injections.append(injection_masks(torch.from_numpy(state.coarse), len(state.classes), hw))
+        pairs = [(n, k) for n, state in enumerate(states) for k in state.active]
+        for start in range(0, len(pairs), cfg.class_batch):
+            chunk = pairs[start:start + cfg.class_batch]
+            names = [states[n].classes[k] for n, k in chunk]
+            prompts = [cfg.prompt.format(name) for name in names]
+            tokens = [bb.token_indices(p, name) for p, name in zip(prompts, names)]
+            cond = self._conditioning(prompts, names, tokens, hw)
+            owners = list(dict.fromkeys(n for n, _ in chunk))
+            z_t = latents[owners[0]] if len(owners) == 1 else torch.cat([latents[n] for n, _ in chunk])
+            pair_masks = torch.stack([injections[n][k] for n, k in chunk])
+            images = self.denoise(Noised(z_t, hw), cond, self.injector, pair_masks, tokens, names)
+            features = self.extractor(images).float().cpu()
+            for n in owners:
+                rows = [i for i, (m, _) in enumerate(chunk) if m == n]
+                self._update(states[n], [chunk[i][1] for i in rows], images[rows], originals[n], features[rows])
+
+    def _update(self, state: _Image, chunk: list[int], images: torch.Tensor, original_features: torch.Tensor,
+                gen_features: torch.Tensor) -> None:
+        """Eq. 8-9 for classes ``chunk`` of one image, compared with ``images`` (their features ``gen_features``)."""
+        cfg = self.config
+        new, delta = correspondence.refine(state.refined[chunk], original_features, gen_features, cfg.beta, cfg.cf)
+        state.refined[chunk] = new
+        for i, k in enumerate(chunk):
+            state.generated[state.classes[k]] = (images[i].permute(1, 2, 0).cpu().numpy() * 255).round().astype(
+                np.uint8)
+            state.matches[state.classes[k]] = delta[i].numpy()
+
+    def _refine_active(self, state: _Image) -> None:
+        """One image's classes in batches of ``class_batch``, for the modes that do not pool (:meth:`_pools`)."""
+        bb, cfg, size = self.backbone, self.config, self.resolution
+        pixels = model_input(state.image[None], size)
         original_features = self.extractor(pixels.to(bb.device))[0].float().cpu()
-        compared = self._compared(pixels, original_features, coarse, classes, spent)
-        for start in range(0, len(active), cfg.class_batch):
-            chunk = active[start:start + cfg.class_batch]
+        compared = self._compared(pixels, original_features, torch.from_numpy(state.coarse), state.classes,
+                                  state.spent)
+        for start in range(0, len(state.active), cfg.class_batch):
+            chunk = state.active[start:start + cfg.class_batch]
             images, gen_features = compared(chunk)
-            new, delta = correspondence.refine(refined[chunk], original_features, gen_features, cfg.beta, cfg.cf)
-            refined[chunk] = new
-            for i, k in enumerate(chunk):
-                generated[classes[k]] = (images[i].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-                matches[classes[k]] = delta[i].numpy()
+            self._update(state, chunk, images, original_features, gen_features)
 
     def _compared(self, pixels: torch.Tensor, original_features: torch.Tensor, coarse: torch.Tensor,
                   classes: list[str], spent: list[float]) -> Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]:
@@ -247,9 +460,7 @@ class Refiner:
         shared = None if per_class else self.noised(z0, hw)  # null-text: only its inversion, shared by the classes
         if shared is not None and spent is not None:
             spent.append(shared.seconds)
-        # class k's injection mask: its region of the input label map, nearest-resized to the model input
-        labels = F.interpolate(coarse[None, None].float(), size=hw, mode="nearest")[0, 0]
-        injection = labels[None] == torch.arange(1, len(classes) + 1, dtype=labels.dtype)[:, None, None]
+        injection = injection_masks(coarse, len(classes), hw)
 
         def generate(chunk: list[int]) -> torch.Tensor:
             names = [classes[k] for k in chunk]
@@ -356,6 +567,13 @@ class Refiner:
             for run in _consecutive_runs(positions):
                 hidden[b, run] = alone[b, 1:1 + len(run)]
         return Conditioning(hidden, cond.unet_kwargs)
+
+
+def injection_masks(coarse: torch.Tensor, k: int, hw: tuple[int, int]) -> torch.Tensor:
+    """(K, H, W) bool at the model input: class k's injection mask is its region of the input label map ``coarse``
+    (label k + 1), nearest-resized to the model input."""
+    labels = F.interpolate(coarse[None, None].float(), size=hw, mode="nearest")[0, 0]
+    return labels[None] == torch.arange(1, k + 1, dtype=labels.dtype)[:, None, None]
 
 
 def noise_image(pixels: torch.Tensor, seed: int) -> torch.Tensor:

@@ -31,6 +31,7 @@ class Runtime:
     device: str = "cpu"
     dtype: str = "float32"
     offline: bool = False
+    offload: bool = False  # RefineConfig.offload: models wait in CPU memory, each on the device while it runs
 
 
 @dataclass(frozen=True)

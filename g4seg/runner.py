@@ -12,6 +12,11 @@ Safety (see docs/runs.md): a run whose outputs would land on one of its inputs i
 is written; a run holds a lock on its folder (per rank when sharded, :mod:`g4seg.runlock`) while it
 writes; an image is skipped only when its inputs have the recorded content and its outputs are the
 files written then (:mod:`g4seg.fileid`); and a rerun with nothing to do writes nothing at all.
+
+Speed (docs/runs.md, "Batching images"): one thread reads the next items ahead of the compute and another writes
+finished images behind it, in item order and in the durable order above; with ``image_batch`` > 1 the images of a
+batch go to :meth:`g4seg.refiner.Refiner.refine_many`, their classes sharing UNet calls, each image still
+recorded (and failing) on its own.
 """
 
 from __future__ import annotations
@@ -19,11 +24,14 @@ from __future__ import annotations
 import json
 import os
 import platform
+import queue
 import re
+import threading
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
@@ -36,11 +44,14 @@ from g4seg.manifest import (MANIFEST_GLOB, Entry, ManifestWriter, differences, h
 from g4seg.plugins import registry
 from g4seg.registry import Runtime
 from g4seg.runlock import RunLock, is_lock_name
+from g4seg.runtime import package_versions
 from g4seg.sharding import Shard, current_shard, shard_items
 
 if TYPE_CHECKING:
-    from g4seg.components import MaskSource
-    from g4seg.refiner import Refiner
+    import numpy as np
+
+    from g4seg.components import CoarseMask, MaskSource
+    from g4seg.refiner import Refiner, RefineResult
 
 CONFIG_FILE = "config.json"
 MASK_SUFFIXES = (".png", ".npz", ".npy")
@@ -330,16 +341,6 @@ def _check_same_config(out_dir: Path, ident: _Identity, latest: dict[str, Entry]
                      "use --overwrite to redo it, or another --out")
 
 
-def _versions() -> dict[str, str | None]:
-    found: dict[str, str | None] = {}
-    for dist in VERSIONED:
-        try:
-            found[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            found[dist] = None
-    return found
-
-
 def _plugins() -> dict[str, dict[str, str | None]]:
     """Every plugin that was loaded (built-ins included), with its origin and version."""
     from g4seg.plugins import load
@@ -367,7 +368,7 @@ def _write_config(out_dir: Path, config: RefineConfig, classes: list[str], ident
         "device": _device_name(ident.runtime.device),
         "world_size": shard.world_size,
         "python": platform.python_version(),
-        "versions": _versions(),
+        "versions": package_versions(VERSIONED),
         "plugins": _plugins(),
     }
     io.atomic_write_bytes(out_dir / CONFIG_FILE, (json.dumps(record, indent=2) + "\n").encode())
@@ -402,29 +403,172 @@ def _one_line(exc: BaseException) -> str:
     return (text.strip().splitlines() or [type(exc).__name__])[0]
 
 
-def _refine_one(item: WorkItem, refiner: "Refiner", mask_source: "MaskSource", out_dir: Path,
-                classes: list[str], saved: set[str]) -> tuple[dict[str, FileId], float | None]:
-    """Refine one image and write its outputs; returns them (paths relative to ``out_dir``) with their ids, and
-    the seconds the refiner spent bringing the latent to t_s (its ``noise_seconds``; None when it has none)."""
-    image = io.load_image(item.image)
-    coarse = mask_source.load(item.image, item.mask, classes, image.shape[:2])
-    save_generated, save_overlay = "generated" in saved, "overlay" in saved
-    result = refiner.refine(image, coarse.probs, classes, background=coarse.background, ignore=coarse.ignore,
-                            source_rule=coarse.merge, return_generated=save_generated)
-    outputs = {f"{item.stem}.png": io.save_label_png(out_dir / f"{item.stem}.png", result.labels)}
-    outputs[f"{item.stem}.npz"] = io.save_probs_npz(out_dir / f"{item.stem}.npz", result.probs, classes,
-                                                    result.background)
+@dataclass
+class _Read:
+    """An item read ahead of the compute: its inputs' identities (taken just before reading them, so an input edited
+    after it was read is redone by the next run), its image and coarse mask, or the error reading raised."""
+
+    item: WorkItem
+    image_id: FileId | None
+    mask_id: FileId | None
+    image: "np.ndarray | None" = None
+    coarse: "CoarseMask | None" = None
+    error: Exception | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class _Done:
+    """An item's outcome for the writer: its result or its error, and the seconds spent on it so far."""
+
+    read: _Read
+    result: "RefineResult | None" = None
+    error: Exception | None = None
+    seconds: float = 0.0
+
+
+def _read(item: WorkItem, mask_source: "MaskSource", classes: list[str]) -> _Read:
+    """Identify and read one item's inputs (in the reader thread); a failure is the item's, never the run's."""
+    start = time.perf_counter()
+    read = _Read(item, identify(item.image), identify(item.mask) if item.mask is not None else None)
+    try:
+        read.image = io.load_image(item.image)
+        read.coarse = mask_source.load(item.image, item.mask, classes, read.image.shape[:2])
+    except Exception as exc:  # noqa: BLE001 - one bad input must not end a long run
+        read.error = exc
+    read.seconds = time.perf_counter() - start
+    return read
+
+
+class _Prefetch:
+    """Reads items in order in one background thread, at most ``ahead`` items beyond those taken, so the compute
+    does not wait on disk (nor on a mask source that computes its masks) and memory stays bounded. One thread:
+    a mask source's ``load`` is never called concurrently with itself, only beside the refiner."""
+
+    def __init__(self, items: Sequence[WorkItem], read: Callable[[WorkItem], _Read], ahead: int) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="g4seg-read")
+        self._items, self._read, self._ahead = iter(items), read, max(1, ahead)
+        self._pending: deque[Future[_Read]] = deque()
+        self._fill()
+
+    def _fill(self) -> None:
+        while len(self._pending) < self._ahead:
+            item = next(self._items, None)
+            if item is None:
+                return
+            self._pending.append(self._pool.submit(self._read, item))
+
+    def take(self, n: int) -> list[_Read]:
+        """The next ``n`` items read (fewer at the end), in order; reading goes on behind them."""
+        taken: list[_Read] = []
+        while self._pending and len(taken) < n:
+            taken.append(self._pending.popleft().result())
+            self._fill()
+        return taken
+
+    def close(self) -> None:
+        """Cancel the reads not started and wait for the one in progress (it writes nothing)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Writer:
+    """Writes finished images in one background thread, in the order given, each completely (its files, then its
+    manifest line) before the next: the run loop's durable order, moved off the compute. ``put`` blocks while
+    ``size`` images wait (bounded memory). Whatever ``write`` raises stops all further writing and is raised in the
+    run loop by the next ``put`` or ``close`` (a fault, or an image's error under ``--fail-fast``)."""
+
+    def __init__(self, write: Callable[[_Done], None], size: int) -> None:
+        self._write = write
+        self._queue: queue.Queue[_Done | None] = queue.Queue(maxsize=max(1, size))
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="g4seg-write", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while (done := self._queue.get()) is not None:
+            if self._error is None:  # after an error nothing more is written; the queue is still drained
+                try:
+                    self._write(done)
+                except BaseException as exc:  # noqa: BLE001 - handed over to the run loop
+                    self._error = exc
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def put(self, done: _Done) -> None:
+        while True:
+            self._raise()
+            try:
+                self._queue.put(done, timeout=0.05)
+                return
+            except queue.Full:
+                continue
+
+    def close(self, raise_error: bool = True) -> None:
+        """Write everything handed over, then stop the thread (idempotent); raise what writing raised."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if raise_error:
+            self._raise()
+
+
+def _compute(batch: list[_Read], refiner: "Refiner", classes: list[str], wanted: set[str],
+             pooled: bool) -> list[_Done]:
+    """Refine the images of ``batch`` that were read, in order: with ``pooled``, all in one ``refine_many`` (their
+    classes share UNet calls; each image's seconds are an equal share), else one ``refine`` each. An image's
+    failure is its own outcome; the others of its batch are kept."""
+    done = [_Done(read, error=read.error, seconds=read.seconds) for read in batch]
+    ready = [d for d in done if d.error is None]
+    generated = "generated" in wanted
+
+    def alone(d: _Done) -> "RefineResult | Exception":
+        coarse = d.read.coarse
+        try:
+            return refiner.refine(d.read.image, coarse.probs, classes, background=coarse.background,
+                                  ignore=coarse.ignore, source_rule=coarse.merge, return_generated=generated)
+        except Exception as exc:  # noqa: BLE001 - one bad image must not end a long run
+            return exc
+
+    if pooled and len(ready) > 1:
+        from g4seg.refiner import RefineItem
+
+        start = time.perf_counter()
+        try:
+            outcomes = refiner.refine_many([
+                RefineItem(d.read.image, d.read.coarse.probs, classes, d.read.coarse.background, d.read.coarse.ignore,
+                           d.read.coarse.merge, return_generated=generated) for d in ready])
+        except Exception:  # noqa: BLE001 - each image alone, so that an error is its own
+            outcomes = [alone(d) for d in ready]
+        share = (time.perf_counter() - start) / len(ready)
+        for d, outcome in zip(ready, outcomes):
+            d.seconds += share
+            d.result, d.error = (None, outcome) if isinstance(outcome, Exception) else (outcome, None)
+        return done
+    for d in ready:
+        start = time.perf_counter()
+        outcome = alone(d)
+        d.seconds += time.perf_counter() - start
+        d.result, d.error = (None, outcome) if isinstance(outcome, Exception) else (outcome, None)
+    return done
+
+
+def _write_outputs(out_dir: Path, stem: str, result: "RefineResult", image: "np.ndarray", classes: list[str],
+                   saved: set[str]) -> dict[str, FileId]:
+    """Write one image's outputs (each atomically); returns them (paths relative to ``out_dir``) with their ids."""
+    outputs = {f"{stem}.png": io.save_label_png(out_dir / f"{stem}.png", result.labels)}
+    outputs[f"{stem}.npz"] = io.save_probs_npz(out_dir / f"{stem}.npz", result.probs, classes, result.background)
     if "coarse" in saved:
-        outputs[f"coarse/{item.stem}.png"] = io.save_label_png(out_dir / "coarse" / f"{item.stem}.png",
-                                                               result.coarse_labels)
-    if save_overlay:
-        outputs[f"overlay/{item.stem}.png"] = io.save_rgb_png(out_dir / "overlay" / f"{item.stem}.png",
-                                                              io.overlay(image, result.labels))
-    if save_generated:
+        outputs[f"coarse/{stem}.png"] = io.save_label_png(out_dir / "coarse" / f"{stem}.png", result.coarse_labels)
+    if "overlay" in saved:
+        outputs[f"overlay/{stem}.png"] = io.save_rgb_png(out_dir / "overlay" / f"{stem}.png",
+                                                         io.overlay(image, result.labels))
+    if "generated" in saved:
         for name, generated in (result.generated or {}).items():
-            rel = f"generated/{item.stem}/{classes.index(name) + 1}_{_safe_name(name)}.png"
+            rel = f"generated/{stem}/{classes.index(name) + 1}_{_safe_name(name)}.png"
             outputs[rel] = io.save_rgb_png(out_dir / rel, generated)
-    return outputs, getattr(result, "noise_seconds", None)
+    return outputs
 
 
 def _remove_leftovers(out_dir: Path, stem: str, keep: set[str]) -> None:
@@ -524,40 +668,64 @@ def _run_locked(mine: list[WorkItem], out_dir: Path, config: RefineConfig, class
         refiner = build_refiner()
     mask_spec = registry().get("mask_source", config.mask_source)
     mask_source = mask_spec.build(config.component_options("mask_source"), ident.runtime)
+    batch = config.image_batch
+    pooled = batch > 1 and callable(getattr(refiner, "refine_many", None))
     with ManifestWriter(out_dir / shard.manifest_name) as manifest, \
             _progress_bar(progress and shard.is_main, len(mine), summary.skipped) as advance:
-        for item in todo:
+
+        def write(done: _Done) -> None:
+            """In the writer thread: one image's files, then its manifest line (durable before the next image)."""
             start = time.perf_counter()
-            # identities first: an input edited while it is being refined is then redone by the next run
-            image_id = identify(item.image)
-            mask_id = identify(item.mask) if item.mask is not None else None
+            item, read, error = done.read.item, done.read, done.error
             outputs: dict[str, FileId] = {}
-            noise_seconds: float | None = None
-            error: BaseException | None = None
-            try:
-                outputs, noise_seconds = _refine_one(item, refiner, mask_source, out_dir, classes, wanted)
-                _remove_leftovers(out_dir, item.stem, set(outputs))
-            except Exception as exc:  # noqa: BLE001 - one bad image must not end a long run
-                error, outputs = exc, {}
+            if error is None:
+                try:
+                    outputs = _write_outputs(out_dir, item.stem, done.result, read.image, classes, wanted)
+                    _remove_leftovers(out_dir, item.stem, set(outputs))
+                except Exception as exc:  # noqa: BLE001 - one bad image must not end a long run
+                    error, outputs = exc, {}
+            if error is not None:
                 with suppress(OSError):
                     _remove_leftovers(out_dir, item.stem, set())
+            noise_seconds = None if error is not None else getattr(done.result, "noise_seconds", None)
             image, mask = ident.inputs(item)
             manifest.append(Entry(
-                stem=item.stem, status="error" if error else "done", seconds=round(time.perf_counter() - start, 4),
+                stem=item.stem, status="error" if error else "done",
+                seconds=round(done.seconds + time.perf_counter() - start, 4),
                 error=_one_line(error) if error else None, config_hash=ident.config_hash, rank=shard.rank,
                 time=time.time(), image=image, mask=mask, outputs=list(outputs), saved=sorted(wanted),
-                image_id=image_id.to_json() if image_id else None, mask_id=mask_id.to_json() if mask_id else None,
+                image_id=read.image_id.to_json() if read.image_id else None,
+                mask_id=read.mask_id.to_json() if read.mask_id else None,
                 output_ids={rel: file_id.to_json() for rel, file_id in outputs.items()},
                 noise_seconds=None if noise_seconds is None else round(noise_seconds, 4),
+                warmup_seconds=getattr(done.result, "warmup_seconds", None),
             ))
             advance()
             if error is None:
                 summary.done += 1
                 summary.changed += reasons[item.stem] == "changed"
                 summary.repaired += reasons[item.stem] == "damaged"
-                continue
+                return
             summary.failed += 1
             summary.errors[item.stem] = _one_line(error)
             if fail_fast:
-                raise error
+                raise error  # stops the writer; the run loop raises it
+
+        # reading runs ahead of the compute and writing behind it, each in one thread, in the items' order
+        reader = _Prefetch(todo, lambda item: _read(item, mask_source, classes), ahead=max(2, 2 * batch))
+        writer = _Writer(write, size=batch + 1)
+        try:
+            while taken := reader.take(batch):
+                for done in _compute(taken, refiner, classes, wanted, pooled):
+                    writer.put(done)
+                    if fail_fast and done.error is not None:
+                        writer.close()  # raises its error once its line is written
+                        raise done.error
+            writer.close()
+        except BaseException:
+            # Ctrl-C or an error: images already computed are still written, each whole, then the run stops
+            reader.close()
+            writer.close(raise_error=False)
+            raise
+        reader.close()
     return summary

@@ -7,13 +7,25 @@ imported, because they read them at import time.
 from __future__ import annotations
 
 import os
-from typing import Any
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Sequence
 
 from g4seg.errors import G4SegError
 from g4seg.registry import Runtime
 
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+def package_versions(names: Sequence[str]) -> dict[str, str | None]:
+    """Installed version of each distribution (None when it is not installed), for run records and reports."""
+    found: dict[str, str | None] = {}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 def set_offline(offline: bool) -> None:

@@ -242,6 +242,7 @@ class Ctx:
         self._refiners: dict[str, Refiner] = {}
         self._runs: dict[str, Run] = {}
         self.vae_dir = None
+        self.taesd_dir = None
 
     def options(self, backbone, extractor, backbone_options=None, extractor_options=None, **kinds):
         family = {"sdxl": "sdxl", "lcm": "lcm"}.get(backbone, "sd")
@@ -279,11 +280,12 @@ class Ctx:
 @pytest.fixture(scope="module")
 def ctx(spies, registry_with_test_parts, tiny_sd_dir, tiny_sd_v_dir, tiny_sdxl_dir, tiny_lcm_dir, tiny_clip_options,
         tmp_path_factory):
-    from g4seg.testing.tiny_diffusion import save_tiny_vae
+    from g4seg.testing.tiny_diffusion import save_tiny_taesd, save_tiny_vae
 
     dirs = {"sd": tiny_sd_dir, "sd-v": tiny_sd_v_dir, "sdxl": tiny_sdxl_dir, "lcm": tiny_lcm_dir}
     context = Ctx(dirs, tiny_clip_options, tmp_path_factory.mktemp("wiring"))
     context.vae_dir = save_tiny_vae(context.folder / "vae")
+    context.taesd_dir = save_tiny_taesd(context.folder / "taesd")
     return context
 
 
@@ -462,6 +464,34 @@ def row_class_batch(ctx, monkeypatch):
     np.testing.assert_allclose(single.result.probs, default.result.probs, atol=1e-5)
 
 
+def row_image_batch(ctx, monkeypatch):
+    """Speed only, in folder runs: three images of three classes each are one UNet call of 3 per image alone, and
+    with image_batch 3 their nine (image, class) pairs share calls of at most class_batch (8, then 1); the label
+    maps and probabilities written are the same."""
+    from g4seg.runner import WorkItem, run
+
+    folder = ctx.folder / "image_batch"
+    folder.mkdir(exist_ok=True)
+    items = []
+    for i, flip in enumerate((lambda a: a, lambda a: a[::-1], lambda a: a[:, ::-1])):
+        Image.fromarray(np.ascontiguousarray(flip(ctx.image))).save(folder / f"s{i}.png")
+        Image.fromarray(np.ascontiguousarray(flip(ctx.labels))).save(folder / f"s{i}_mask.png")
+        items.append(WorkItem(f"s{i}", folder / f"s{i}.png", folder / f"s{i}_mask.png"))
+    calls, outs = {}, {}
+    for batch in (1, 3):
+        REC["predict"].clear()
+        outs[batch] = ctx.folder / f"image_batch_{batch}"
+        summary = run(items, outs[batch], ctx.config(image_batch=batch), CLASSES, progress=False)
+        assert (summary.done, summary.failed) == (3, 0)
+        calls[batch] = [b for b, _ in REC["predict"]]
+    assert calls == {1: [3, 3, 3], 3: [8, 1]}
+    for item in items:
+        assert np.array_equal(np.asarray(Image.open(outs[1] / f"{item.stem}.png")),
+                              np.asarray(Image.open(outs[3] / f"{item.stem}.png")))
+        with np.load(outs[1] / f"{item.stem}.npz") as one, np.load(outs[3] / f"{item.stem}.npz") as three:
+            assert np.array_equal(one["probs"], three["probs"])
+
+
 def _inversion_calls(steps: int, batch: int = 1, t: int = 400) -> list[tuple[int, int]]:
     """The UNet calls of a DDIM inversion to t in ``steps`` steps: one per target round(i t / steps)."""
     return [(batch, round(i * t / steps)) for i in range(1, steps + 1)]
@@ -575,16 +605,55 @@ def row_options(ctx, monkeypatch):
     assert refiner.backbone.prediction_type == "v_prediction"
 
 
+def row_compile(ctx, monkeypatch):
+    """The UNet, the VAE's encoder and decoder and the clip extractor are compiled (eager backend here: the same
+    operations, so the same outputs bit for bit); the first call reports its warm-up. Inductor:
+    tests/test_speed_options.py and docs/benchmarks.md."""
+    from g4seg import acceleration
+
+    monkeypatch.setattr(acceleration, "COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()  # compile anew, whatever ran before in this process
+    try:
+        compiled, default = ctx.run(compile=True), ctx.run()
+    finally:
+        torch._dynamo.reset()
+    bb = compiled.refiner.backbone
+    assert compiled.refiner.compiled == ["UNet", "VAE encoder", "VAE decoder", "extractor"]
+    assert all(m._compiled_call_impl is not None for m in (bb.unet, bb.vae.encoder, bb.vae.decoder))
+    assert default.refiner.compiled == [] and default.refiner.backbone.unet._compiled_call_impl is None
+    assert compiled.result.warmup_seconds > 0 and default.result.warmup_seconds is None
+    assert np.array_equal(compiled.gen(), default.gen())
+    assert np.array_equal(compiled.result.probs, default.result.probs)
+    assert len(compiled.rec["attend"]) == len(default.rec["attend"])  # the injection ran inside the compiled UNet
+
+
+def row_offload(ctx, monkeypatch):
+    """CUDA only: refused on the CPU before any model loads. The mechanism (a group that moves each model to the
+    device while it runs), with the CPU standing in for the device: tests/test_speed_options.py."""
+    if not torch.cuda.is_available():
+        with pytest.raises(G4SegError, match="--offload needs a CUDA device"):
+            ctx.refiner(offload=True)
+        spec = plugins.load()[0].get("backbone", "sd21")
+        bb = spec.build(ctx.options("sd21", "clip")["backbone"], Runtime(offload=True))
+        assert set(bb.offload_group.modules) == {"text_encoder", "unet", "vae"}
+        return
+    gpu = ctx.run(device="cuda:0", offload=True)
+    bb = gpu.refiner.backbone
+    assert bb.offload_group.moves[-2:] == ["unet", "vae"]  # the last model run stays on the GPU, the rest wait
+    assert next(bb.unet.parameters()).device.type == "cpu" and next(bb.vae.parameters()).device.type == "cuda"
+
+
 CONFIG_ROWS = {
     "backbone": row_backbone, "injector": row_injector, "extractor": row_extractor, "mask_source": row_mask_source,
     "postprocessor": row_postprocessor, "timestep": row_timestep, "beta": row_beta, "cf": row_cf, "seed": row_seed,
     "prompt": row_prompt, "resolution": row_resolution, "ramp_width": row_ramp_width, "merge": row_merge,
     "bg_threshold": row_bg_threshold, "prob_thd": row_prob_thd, "area_thd": row_area_thd, "bg_power": row_bg_power,
     "guidance_scale": row_guidance_scale, "class_embedding": row_class_embedding, "class_batch": row_class_batch,
+    "image_batch": row_image_batch,
     "generator": row_generator, "noise": row_noise, "inversion_steps": row_inversion_steps,
     "inversion_prompt": row_inversion_prompt, "null_text_iters": row_null_text_iters,
     "null_text_lr": row_null_text_lr, "device": row_device, "dtype": row_dtype, "offline": row_offline,
-    "options": row_options,
+    "options": row_options, "compile": row_compile, "offload": row_offload,
 }
 
 
@@ -645,6 +714,103 @@ def bb_vae(name, ctx, monkeypatch):
     assert not all(torch.equal(own[k], expected[k]) for k in expected)
     if name == "sd21":
         assert differs(ctx.run(backbone_options={"vae": f"local-dir:{ctx.vae_dir}"}).gen(), ctx.run().gen())
+
+
+def _taesd_reference(ctx, z):
+    """TAESD's decode by hand: its conv stack on tanh(z / 3) * 3, clamped (see test_speed_options)."""
+    from diffusers import AutoencoderTiny
+
+    with torch.no_grad():
+        return AutoencoderTiny.from_pretrained(ctx.taesd_dir).decoder.layers(torch.tanh(z / 3) * 3).clamp(0, 1)
+
+
+def bb_decoder(name, ctx, monkeypatch):
+    from diffusers import AutoencoderTiny
+
+    taesd = {"decoder": "taesd", "taesd_model": f"local-dir:{ctx.taesd_dir}"}
+    bb = ctx.refiner(backbone=name, backbone_options=taesd).backbone
+    assert isinstance(bb.decoder, AutoencoderTiny)
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(bb.decode(z), _taesd_reference(ctx, z))
+    assert ctx.refiner(backbone=name).backbone.decoder is ctx.refiner(backbone=name).backbone.vae
+    if name == "toy":  # no TAESD fits the toy VAE: decoder=taesd needs an explicit taesd_model
+        with pytest.raises(G4SegError, match="no default tiny decoder"):
+            Refiner.from_config(ctx.config(backbone=name, backbone_options={"decoder": "taesd"}))
+    if name == "sd21":
+        fast, default = ctx.run(backbone_options=taesd), ctx.run()
+        assert differs(fast.gen(), default.gen(), at_least=10)
+
+
+TAESD_DEFAULTS = {"sd15": "madebyollin/taesd", "sd21": "madebyollin/taesd", "sd21-768": "madebyollin/taesd",
+                  "lcm": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl", "toy": None}
+
+
+def bb_taesd_model(name, ctx, monkeypatch):
+    """The default (per model family) or given reference reaches the loader, only with decoder=taesd."""
+    from diffusers import AutoencoderTiny
+
+    spec = plugins.load()[0].get("backbone", name)
+    assert spec.parse_options({}).taesd_model == TAESD_DEFAULTS[name]
+    loaded = []
+    original = backbone_sd.load_pretrained
+
+    def loader(cls, *args, **kwargs):
+        if cls is AutoencoderTiny:
+            loaded.append((args[0] if args else kwargs["ref"]).text)
+            raise G4SegError("stop at the tiny decoder")
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(backbone_sd, "load_pretrained", loader)
+    for taesd_model in ([TAESD_DEFAULTS[name]] if TAESD_DEFAULTS[name] else []) + ["g4seg-tests/taesd"]:
+        with pytest.raises(G4SegError, match="stop at the tiny decoder"):
+            Refiner.from_config(ctx.config(backbone=name, backbone_options={"decoder": "taesd",
+                                                                            "taesd_model": taesd_model}))
+    Refiner.from_config(ctx.config(backbone=name, backbone_options={"taesd_model": "g4seg-tests/taesd"}))
+    assert loaded == ([TAESD_DEFAULTS[name]] if TAESD_DEFAULTS[name] else []) + ["g4seg-tests/taesd"]
+
+
+def bb_vae_tiling(name, ctx, monkeypatch):
+    """Tiles above the VAE's sample_size (64 px for the tiny VAE): at 128 px the tiled decoder runs and the images
+    change (how: test_speed_options.test_vae_tiling_decodes_tiles_alone_and_blends_them_linearly); at 64 px not."""
+    from diffusers import AutoencoderKL
+
+    bb = ctx.refiner(backbone=name, backbone_options={"vae_tiling": True}).backbone
+    assert bb.vae.use_tiling and not ctx.refiner(backbone=name).backbone.vae.use_tiling
+    if name == "sd21":
+        tiled_calls = []
+        tiled_decode = AutoencoderKL.tiled_decode
+        monkeypatch.setattr(AutoencoderKL, "tiled_decode",
+                            lambda self, *a, **k: tiled_calls.append(1) or tiled_decode(self, *a, **k))
+        tiled, whole = ctx.run(resolution=128, backbone_options={"vae_tiling": True}), ctx.run(resolution=128)
+        assert tiled_calls and differs(tiled.gen(), whole.gen())
+        assert np.array_equal(ctx.run(backbone_options={"vae_tiling": True}).gen(), ctx.run().gen())  # one tile
+
+
+def bb_vae_slicing(name, ctx, monkeypatch):
+    """Each image of the batch through the decoder alone; the same images up to rounding."""
+    bb = ctx.refiner(backbone=name, backbone_options={"vae_slicing": True}).backbone
+    assert bb.vae.use_slicing and not ctx.refiner(backbone=name).backbone.vae.use_slicing
+    if name == "sd21":
+        batches = []
+        handle = bb.vae.decoder.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
+        try:
+            sliced = ctx.run(backbone_options={"vae_slicing": True})
+        finally:
+            handle.remove()
+        assert batches == [1, 1, 1]
+        assert not differs(sliced.gen(), ctx.run().gen(), at_least=2)  # batch 1 vs 3 may round differently
+        assert np.allclose(sliced.result.probs, ctx.run().result.probs, atol=1e-5)
+
+
+def bb_channels_last(name, ctx, monkeypatch):
+    """Convolution weights channels-last when asked (default: CUDA only); the same images up to rounding."""
+    forced = ctx.refiner(backbone=name, backbone_options={"channels_last": True}).backbone
+    plain = ctx.refiner(backbone=name).backbone
+    convs = [p for p in forced.unet.parameters() if p.ndim == 4 and p.shape[-1] > 1]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert forced.channels_last and plain.channels_last is (plain.device.type == "cuda")
+    if name == "sd21":
+        assert not differs(ctx.run(backbone_options={"channels_last": True}).gen(), ctx.run().gen(), at_least=2)
 
 
 def lcm_guidance_scale(ctx, monkeypatch):
@@ -724,6 +890,52 @@ def attn_resolutions(ctx, monkeypatch):
     run, bound = _injected(ctx, resolutions=[4])
     assert set(bound) == {("cross", (4, 4)), ("self", (4, 4))}
     assert differs(run.gen(), ctx.run().gen())
+
+
+def _spy_dense_kernels(monkeypatch) -> list[str]:
+    """Records the dense kernel every injected layer runs (MaskedAttnProcessor.dense_*)."""
+    used: list[str] = []
+    for name in ("reference", "chunked", "sdpa"):
+        original = getattr(MaskedAttnProcessor, f"dense_{name}")
+
+        def spy(self, *args, _name=name, _original=original):
+            used.append(_name)
+            return _original(self, *args)
+        monkeypatch.setattr(MaskedAttnProcessor, f"dense_{name}", spy)
+    return used
+
+
+def attn_kernel(ctx, monkeypatch):
+    """Only the kernel changes (auto = sdpa); the result is the same up to float32 rounding, which at most
+    moves a generated pixel by one level of 255."""
+    used = _spy_dense_kernels(monkeypatch)
+    runs = {}
+    for kernel in ("reference", "chunked", "sdpa", "auto"):
+        used.clear()
+        runs[kernel] = ctx.run(injector_options={"kernel": kernel})
+        assert used and set(used) == {"sdpa" if kernel == "auto" else kernel}, kernel
+        assert len(used) == len(runs[kernel].rec["attend"])  # every injected layer
+    for kernel in ("chunked", "sdpa", "auto"):
+        assert not differs(runs[kernel].gen(), runs["reference"].gen(), at_least=2)
+        assert np.allclose(runs[kernel].result.probs, runs["reference"].result.probs, atol=1e-4)
+
+
+def attn_chunk(ctx, monkeypatch):
+    """Blocks of 3 query rows in the default (sdpa) and the chunked kernel: the same result as one block."""
+    from g4seg.builtin import injector_attn
+
+    blocks: list[tuple[int, int]] = []
+    query_blocks = injector_attn.query_blocks
+    monkeypatch.setattr(injector_attn, "query_blocks",
+                        lambda queries, rows: blocks.append((queries, rows)) or query_blocks(queries, rows))
+    for kernel in ("sdpa", "chunked"):
+        blocks.clear()
+        run = ctx.run(injector_options={"kernel": kernel, "chunk": 3})
+        assert blocks and {rows for _, rows in blocks} == {3}
+        assert {queries for queries, _ in blocks} == {64, 16, 4}  # the 8x8, 4x4 and 2x2 grids
+        one = ctx.run(injector_options={"kernel": kernel, "chunk": 64})
+        assert not differs(run.gen(), one.gen(), at_least=2)
+        assert np.allclose(run.result.probs, one.result.probs, atol=1e-4)
 
 
 def _features(ctx, seed=None, **options):
@@ -1119,12 +1331,15 @@ def sclip_window(ctx, monkeypatch):
 
 OPTION_ROWS = {
     **{f"backbone:{name}.{option}": partial(check, name) for name in BACKBONES
-       for option, check in (("model", bb_model), ("revision", bb_revision), ("vae", bb_vae))},
+       for option, check in (("model", bb_model), ("revision", bb_revision), ("vae", bb_vae),
+                             ("decoder", bb_decoder), ("taesd_model", bb_taesd_model), ("vae_tiling", bb_vae_tiling),
+                             ("vae_slicing", bb_vae_slicing), ("channels_last", bb_channels_last))},
     "backbone:lcm.guidance_scale": lcm_guidance_scale,
     "injector:attn.rule": attn_rule, "injector:attn.w_cross": attn_w_cross, "injector:attn.w_self": attn_w_self,
     "injector:attn.alpha": attn_alpha, "injector:attn.strength": attn_strength,
     "injector:attn.time_weight": attn_time_weight, "injector:attn.cross": attn_cross,
     "injector:attn.self_attn": attn_self_attn, "injector:attn.resolutions": attn_resolutions,
+    "injector:attn.kernel": attn_kernel, "injector:attn.chunk": attn_chunk,
     "extractor:clip.model": clip_model, "extractor:clip.pretrained": clip_pretrained,
     "extractor:clip.cache_dir": clip_cache_dir, "extractor:clip.recipe": clip_recipe,
     "extractor:clip.geometry": clip_geometry, "extractor:clip.short_side": clip_short_side,

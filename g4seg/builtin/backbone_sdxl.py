@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 from pydantic import Field
 
-from g4seg.builtin.backbone_sd import MODEL_HELP, SDBackbone, SDOptions
+from g4seg.builtin.backbone_sd import MODEL_HELP, TAESD_HELP, SDBackbone, SDOptions
 from g4seg.components import Conditioning
 from g4seg.hookspecs import hookimpl
 from g4seg.registry import ComponentSpec
@@ -22,6 +22,7 @@ from g4seg.registry import ComponentSpec
 
 class SDXLOptions(SDOptions):
     model: str = Field("stabilityai/stable-diffusion-xl-base-1.0", description=MODEL_HELP)
+    taesd_model: str | None = Field("madebyollin/taesdxl", description=TAESD_HELP)
 
 
 class SDXLBackbone(SDBackbone):
@@ -34,6 +35,9 @@ class SDXLBackbone(SDBackbone):
         self.tokenizer_2 = load(CLIPTokenizer, subfolder="tokenizer_2")
         self.text_encoder_2 = self._ready(
             load(CLIPTextModelWithProjection, subfolder="text_encoder_2", dtype=self.dtype))
+
+    def _offloaded(self) -> dict[str, Any]:
+        return {"text_encoder_2": self.text_encoder_2, **super()._offloaded()}
 
     def _upcast_vae(self, vae: Any) -> bool:
         import torch

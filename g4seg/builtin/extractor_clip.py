@@ -82,6 +82,15 @@ class ClipExtractor:
         self.short_side, self.stride = short_side, stride
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self._dense = dense_features  # the tower's forward with the recipe; compile_models() compiles it
+
+    def compile_models(self, backend: str | None = None) -> list[str]:
+        """``torch.compile`` (static shapes) of the tower's forward with the recipe (it calls the tower's blocks
+        one by one, so the function is compiled, not the module). Returns what was compiled."""
+        from g4seg.acceleration import compile_function
+
+        self._dense = compile_function(dense_features, backend)
+        return ["extractor"]
 
     @property
     def window(self) -> tuple[int, int]:
@@ -116,7 +125,7 @@ class ClipExtractor:
             size = self.window
             if tuple(x.shape[-2:]) != size:
                 x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-            return dense_features(self.visual, ((x - self.mean) / self.std).to(self.dtype), self.recipe)
+            return self._dense(self.visual, ((x - self.mean) / self.std).to(self.dtype), self.recipe)
 
     def _slide(self, x: torch.Tensor) -> torch.Tensor:
         """Average each window's features on the patch grid of ``x``, then L2-normalise."""
@@ -130,7 +139,7 @@ class ClipExtractor:
         for start in range(0, len(boxes), _WINDOWS_PER_CALL):
             chunk = boxes[start:start + _WINDOWS_PER_CALL]
             crops = torch.cat([x[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])
-            feats = dense_features(self.visual, crops, self.recipe)
+            feats = self._dense(self.visual, crops, self.recipe)
             for i, (y1, y2, x1, x2) in enumerate(chunk):
                 total[:, :, y1 // p:y2 // p, x1 // p:x2 // p] += feats[i * batch:(i + 1) * batch]
                 count[:, :, y1 // p:y2 // p, x1 // p:x2 // p] += 1

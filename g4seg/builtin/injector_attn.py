@@ -62,6 +62,46 @@ attention anyway; fp16 scores of large activations overflow) and cast the result
 is passed to SDPA in the (upcast) query's dtype. Processors are installed by layer name for the one
 call and the original processor objects are put back afterwards, also on error. The relation tensors
 are bool and built by broadcasting, once per processor and device.
+
+Dense kernels (option ``kernel``, dense rule only; eq5 always runs one SDPA call with its bias). The
+straightforward computation materialises the float32 (batch, heads, N, keys) scores and three
+temporaries of that size: at a 64x64 latent that is 4096^2 floats per head. Three exact kernels:
+
+* ``reference`` - that computation, as written above: scores, :func:`dense_modulate`, softmax, @ v.
+* ``chunked`` - the same arithmetic, one block of query rows at a time. Every step of the rule is
+  row-local (the max and min are per row, the factor ``s_i`` per row), so blocks of rows are independent.
+  The relation block is rebuilt from its factors (below), never the (N, N) relation.
+* ``sdpa`` (what ``auto`` picks) - the rule rewritten for ``F.scaled_dot_product_attention``, whose
+  flash / memory-efficient kernels never hold the scores (CPU flash included, for float32).
+
+The algebra of ``sdpa``. For one row i (one batch entry and head) with scaled scores
+``x_ij = scale * q_i . k_j``, row extremes ``hi_i = max_j x_ij``, ``lo_i = min_j x_ij``, factor ``s_i``
+and relation ``A_ij``, the rule is ``x'_ij = x_ij + s_i (t_ij - x_ij)`` with ``t_ij = hi_i`` if ``A_ij``
+else ``lo_i``, that is ::
+
+    x'_ij = (1 - s_i) x_ij + s_i lo_i + s_i (hi_i - lo_i) A_ij.
+
+This is not an additive bias on ``x`` (the ``x`` term is scaled), but the scaling ``(1 - s_i)`` depends on
+the row only, so it folds into the query: ``(1 - s_i) x_ij = scale * ((1 - s_i) q_i) . k_j``. The term
+``s_i lo_i`` is constant along the row and softmax is invariant to it (``softmax(y + c) = softmax(y)``),
+so it is dropped. The rest, ``c_i A_ij`` with ``c_i = s_i (hi_i - lo_i)``, is a bias, but a low-rank one:
+``A = phi psi^T`` with ``phi_i = [m[i], 1 - m[i]]``, ``psi_j = [m[j], 1 - m[j]]`` for the dense self
+relation (same region) and ``phi_i = [m[i]]``, ``psi_j = [j in T_b]`` for the cross relation. Hence
+with the augmented vectors ::
+
+    q~_i = [(1 - s_i) q_i, c_i phi_i],   k~_j = [k_j, psi_j / scale],   v~_j = [v_j, 0]
+
+(zero-padded to a multiple of 8 columns, which SDPA kernels want), ``scale * q~_i . k~_j = x'_ij - s_i lo_i``
+and ``softmax_j(x'_ij + E_ij) = softmax_j(scale * q~_i . k~_j + E_ij)`` for any extra attention mask
+``E``, exactly; the first columns of ``SDPA(q~, k~, v~, attn_mask=E, scale=scale)`` are the rule's
+output. No bias tensor is built at all. Only ``hi_i`` and ``lo_i`` need the plain scores: they are taken
+one block of query rows at a time (max and min of ``q_block @ k^T``; scaling after the reduction is
+exact because rounding is monotone), and SDPA runs on the same block, so even a backend that falls back
+to the math kernel holds one block of scores. The result equals ``reference`` up to float32 rounding
+(tests/test_dense_fast.py: 1e-5 relative). FlexAttention's ``score_mod`` could apply the rule as
+written, but without ``torch.compile`` it materialises the full scores, and compiling needs inductor and
+a C++ compiler per shape; the rewrite makes plain SDPA sufficient. Blocks hold at most ``chunk`` query
+rows, by default as many as keep one block at ``BLOCK_SCORES`` scores (batch x heads x rows x keys).
 """
 
 from __future__ import annotations
@@ -95,6 +135,11 @@ class AttnOptions(Options):
     self_attn: bool = Field(True, description="inject into self-attention layers")
     resolutions: list[PositiveInt] | None = Field(None, min_length=1, description="grid heights to inject at, "
                                                   "e.g. [32, 16]; None = all")
+    kernel: Literal["auto", "reference", "chunked", "sdpa"] = Field(
+        "auto", description="dense rule: how the same result is computed; reference = full score matrix, "
+        "chunked = it by query blocks, sdpa = row max/min by blocks + fused SDPA; auto = sdpa")
+    chunk: PositiveInt | None = Field(None, description="dense rule, chunked/sdpa kernels: query rows per block; "
+                                      "None = blocks of at most 2^24 scores")
 
 
 def grid_mask(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -104,18 +149,52 @@ def grid_mask(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(masks[:, None].float(), size=grid, mode="nearest")[:, 0].flatten(1) > 0.5
 
 
-def cross_relation(pixels: torch.Tensor, token_indices: Sequence[Sequence[int]], num_tokens: int) -> torch.Tensor:
-    """Eq. 3: (B, N) pixel mask and per-entry class-token positions -> (B, N, num_tokens) bool."""
+BLOCK_SCORES = 1 << 24
+"""Default size of one block of scores (batch x heads x query rows x keys) in the chunked/sdpa kernels:
+64 MiB of float32, small next to a UNet's activations, large enough that per-block overheads vanish."""
+
+
+def class_tokens(token_indices: Sequence[Sequence[int]], num_tokens: int, device: Any) -> torch.Tensor:
+    """(B, num_tokens) bool: the class-token positions of each batch entry (a user error if out of range)."""
     import torch
 
-    tokens = torch.zeros(pixels.shape[0], num_tokens, dtype=torch.bool, device=pixels.device)
+    tokens = torch.zeros(len(token_indices), num_tokens, dtype=torch.bool, device=device)
     for b, positions in enumerate(token_indices):
         bad = [p for p in positions if not 0 <= p < num_tokens]
         if bad:
             raise G4SegError(f"class token positions {bad} of batch entry {b} lie outside the "
                              f"{num_tokens}-token text context; use a shorter prompt or class name")
         tokens[b, list(positions)] = True
+    return tokens
+
+
+def cross_relation(pixels: torch.Tensor, token_indices: Sequence[Sequence[int]], num_tokens: int) -> torch.Tensor:
+    """Eq. 3: (B, N) pixel mask and per-entry class-token positions -> (B, N, num_tokens) bool."""
+    tokens = class_tokens(token_indices, num_tokens, pixels.device)
     return pixels[:, :, None] & tokens[:, None, :]
+
+
+def dense_factors(kind: str, pixels: torch.Tensor, token_indices: Sequence[Sequence[int]],
+                  num_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense rule's relation as a product of thin factors: (B, N, r) and (B, num_keys, r) float32 with
+    ``relation = rows @ cols^T`` (0/1). r = 2 for self (mask, background), 1 for cross (mask x tokens), so
+    the blocked kernels never build the (N, N) relation."""
+    import torch
+
+    if kind == "cross":
+        return pixels[..., None].float(), class_tokens(token_indices, num_keys, pixels.device)[..., None].float()
+    regions = torch.stack([pixels, ~pixels], dim=-1).float()
+    return regions, regions
+
+
+def query_blocks(queries: int, rows: int) -> list[slice]:
+    """Consecutive blocks of at most ``rows`` query rows covering ``queries``."""
+    return [slice(start, min(start + rows, queries)) for start in range(0, queries, rows)]
+
+
+def mask_rows(extra: torch.Tensor | None, block: slice) -> torch.Tensor | None:
+    """The rows of an additive attention mask for one query block (a mask broadcast over queries as is)."""
+    return extra if extra is None or extra.shape[-2] == 1 else extra[..., block, :]
 
 
 def self_relation(pixels: torch.Tensor) -> torch.Tensor:
@@ -171,10 +250,12 @@ class MaskedAttnProcessor:
     """
 
     def __init__(self, kind: str, grid: tuple[int, int], pixels: torch.Tensor,
-                 token_indices: Sequence[Sequence[int]], rule: str, strength: float, guided: bool = False) -> None:
+                 token_indices: Sequence[Sequence[int]], rule: str, strength: float, guided: bool = False,
+                 kernel: str = "auto", chunk: int | None = None) -> None:
         self.kind, self.grid, self.pixels = kind, grid, pixels
         self.token_indices, self.rule, self.strength, self.guided = token_indices, rule, strength, guided
-        self._cache: dict[tuple[Any, ...], torch.Tensor] = {}
+        self.kernel, self.chunk = kernel, chunk
+        self._cache: dict[tuple[Any, ...], Any] = {}
 
     def relation(self, num_keys: int, device: torch.device) -> torch.Tensor:
         """(B, N, num_keys) bool: Eq. 3 for cross layers; Eq. 4 (eq5) or same-region pairs (dense) for self."""
@@ -195,6 +276,87 @@ class MaskedAttnProcessor:
         if key not in self._cache:
             self._cache[key] = area_share(self.pixels.to(device))
         return self._cache[key]
+
+    def factors(self, num_keys: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dense relation as thin factors (see :func:`dense_factors`), once per key count and device."""
+        key = ("factors", num_keys, str(device))
+        if key not in self._cache:
+            self._cache[key] = dense_factors(self.kind, self.pixels.to(device), self.token_indices, num_keys)
+        return self._cache[key]
+
+    def row_strength(self, device: torch.device) -> torch.Tensor:
+        """(B, 1, N, 1) float32: the dense factor ``s_i = strength * (1 - share_i)`` of every query row."""
+        return (self.strength * (1.0 - self.share(device)))[:, None, :, None]
+
+    def block_rows(self, query: torch.Tensor, key: torch.Tensor) -> int:
+        """Query rows per block: the ``chunk`` option, else as many as keep a block at BLOCK_SCORES scores."""
+        if self.chunk is not None:
+            return self.chunk
+        batch, heads, _, _ = query.shape
+        return max(1, BLOCK_SCORES // (batch * heads * key.shape[-2]))
+
+    def dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+              extra: torch.Tensor | None) -> torch.Tensor:
+        """The dense rule on float32 (B, heads, N, d) tensors with the chosen kernel (``auto`` = sdpa)."""
+        kernel = "sdpa" if self.kernel == "auto" else self.kernel
+        if kernel == "reference":
+            return self.dense_reference(q, k, v, scale, extra)
+        if kernel == "chunked":
+            return self.dense_chunked(q, k, v, scale, extra)
+        if kernel == "sdpa":
+            return self.dense_sdpa(q, k, v, scale, extra)
+        raise G4SegError(f"unknown dense kernel {self.kernel!r}; use auto, reference, chunked or sdpa")
+
+    def dense_reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                        extra: torch.Tensor | None) -> torch.Tensor:
+        """The rule as written: the whole float32 score matrix, :func:`dense_modulate`, softmax, @ v."""
+        relation = self.relation(k.shape[2], q.device)[:, None]
+        scores = dense_modulate((q @ k.transpose(-1, -2)) * scale, relation, self.row_strength(q.device))
+        if extra is not None:
+            scores = scores + extra
+        return scores.softmax(dim=-1) @ v
+
+    def dense_chunked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      extra: torch.Tensor | None) -> torch.Tensor:
+        """The reference arithmetic one block of query rows at a time (every step is row-local)."""
+        rows, cols = self.factors(k.shape[2], q.device)
+        strength, keys_t = self.row_strength(q.device), k.transpose(-1, -2)
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        for block in query_blocks(q.shape[2], self.block_rows(q, k)):
+            relation = (rows[:, None, block] @ cols[:, None].transpose(-1, -2)) > 0.5
+            scores = dense_modulate((q[:, :, block] @ keys_t) * scale, relation, strength[:, :, block])
+            extra_rows = mask_rows(extra, block)
+            if extra_rows is not None:
+                scores = scores + extra_rows
+            out[:, :, block] = scores.softmax(dim=-1) @ v
+        return out
+
+    def dense_sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                   extra: torch.Tensor | None) -> torch.Tensor:
+        """Row extremes by query blocks, then SDPA on augmented q/k (the module docstring's algebra)."""
+        import torch.nn.functional as F
+
+        rows, cols = self.factors(k.shape[2], q.device)
+        dim, dim_v, rank = q.shape[-1], v.shape[-1], rows.shape[-1]
+        width = -(-max(dim + rank, dim_v) // 8) * 8  # one head width for q~, k~, v~ (fused kernels want it)
+        keys_aug = F.pad(k, (0, width - dim))
+        keys_aug[..., dim:dim + rank] = (cols / scale)[:, None]
+        values_aug = F.pad(v, (0, width - dim_v))
+        strength, keys_t = self.row_strength(q.device), k.transpose(-1, -2)
+        out = q.new_empty(*q.shape[:-1], dim_v)
+        for block in query_blocks(q.shape[2], self.block_rows(q, k)):
+            query = q[:, :, block]
+            scores = query @ keys_t  # unscaled: the scale is applied to the extremes (exact, see above)
+            high, low = scores.amax(dim=-1, keepdim=True), scores.amin(dim=-1, keepdim=True)  # aminmax is slower
+            del scores
+            low, high = (low * scale, high * scale) if scale >= 0 else (high * scale, low * scale)
+            factor = strength[:, :, block]
+            query_aug = F.pad(query * (1.0 - factor), (0, width - dim))
+            query_aug[..., dim:dim + rank] = factor * (high - low) * rows[:, None, block]
+            out[:, :, block] = F.scaled_dot_product_attention(query_aug, keys_aug, values_aug,
+                                                              attn_mask=mask_rows(extra, block),
+                                                              scale=scale)[..., :dim_v]
+        return out
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
                attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -225,17 +387,12 @@ class MaskedAttnProcessor:
             stock = F.scaled_dot_product_attention(q[:prompts], k[:prompts], v[:prompts], attn_mask=uncond_mask,
                                                    dropout_p=0.0, is_causal=False)
             q, k, v = q[prompts:], k[prompts:], v[prompts:]
-        relation = self.relation(k.shape[2], q.device)[:, None]
         if self.rule == "eq5":
-            bias = eq5_bias(relation, self.strength, scale)
+            bias = eq5_bias(self.relation(k.shape[2], q.device)[:, None], self.strength, scale)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias if extra is None else bias + extra,
                                                  scale=scale)
         else:
-            strength = (self.strength * (1.0 - self.share(q.device)))[:, None, :, None]
-            scores = dense_modulate((q @ k.transpose(-1, -2)) * scale, relation, strength)
-            if extra is not None:
-                scores = scores + extra
-            out = scores.softmax(dim=-1) @ v
+            out = self.dense(q, k, v, scale, extra)
         if stock is not None:
             out = torch.cat([stock, out])
         return out.to(value.dtype)
@@ -319,7 +476,8 @@ class AttentionInjector:
             key = (layer.kind, layer.grid)
             if key not in shared:
                 shared[key] = MaskedAttnProcessor(layer.kind, layer.grid, grid_mask(masks, layer.grid),
-                                                  token_indices, self.options.rule, strengths[layer.kind], guided)
+                                                  token_indices, self.options.rule, strengths[layer.kind], guided,
+                                                  self.options.kernel, self.options.chunk)
             selected[layer.name] = shared[key]
         return selected
 

@@ -30,6 +30,8 @@ TOY_CLIP = f"local-dir:{SHIPPED / 'clip'}"
 
 class ToyOptions(SDOptions):
     model: str = Field(TOY_SD, description=MODEL_HELP)
+    taesd_model: str | None = Field(None, description="decoder=taesd: an AutoencoderTiny for the toy VAE's latents "
+                                                      "(none ships; SD's TAESD does not fit them)")
 
 
 class ToyClipOptions(ClipOptions):

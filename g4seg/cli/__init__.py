@@ -93,6 +93,7 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def _register() -> None:
     from g4seg.cli.ablate import ablate_command
+    from g4seg.cli.bench import bench_command
     from g4seg.cli.doctor import doctor_command
     from g4seg.cli.eval import eval_command
     from g4seg.cli.listing import compat_command, list_command
@@ -106,6 +107,7 @@ def _register() -> None:
         ("list", list_command),
         ("compat", compat_command),
         ("doctor", doctor_command),
+        ("bench", bench_command),
     ):
         app.command(name)(user_errors(command))
     from g4seg.cli.toy import demo_command, toy_app, toy_commands

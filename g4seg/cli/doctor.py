@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import tempfile
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Annotated
 
@@ -19,16 +18,6 @@ console = Console(highlight=False, soft_wrap=True)
 
 PACKAGES = ("g4seg", "torch", "torchvision", "diffusers", "transformers", "huggingface_hub", "open_clip_torch",
             "pydantic", "pluggy", "typer", "accelerate")
-
-
-def package_versions() -> dict[str, str]:
-    found = {}
-    for name in PACKAGES:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = "not installed"
-    return found
 
 
 def _devices() -> list[str]:
@@ -102,11 +91,11 @@ def doctor_command(
 ) -> None:
     """Versions, devices, model cache and offline state of this install."""
     from g4seg.plugins import load
-    from g4seg.runtime import is_offline
+    from g4seg.runtime import is_offline, package_versions
 
     table = Table("item", "value", title="g4seg doctor", show_header=False)
-    for name, ver in package_versions().items():
-        table.add_row(name, ver)
+    for name, ver in package_versions(PACKAGES).items():
+        table.add_row(name, ver or "not installed")
     for i, dev in enumerate(_devices()):
         table.add_row("device" if i == 0 else "", dev)
     cache, models = _cache_report()

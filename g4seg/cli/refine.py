@@ -211,7 +211,12 @@ def refine_command(
         Optional[str], typer.Option(help="Class-name token embeddings: prompt or alone; default prompt.")
     ] = None,
     class_batch: Annotated[
-        Optional[int], typer.Option(help="Classes per UNet call; lower it if memory runs out; default 8.")
+        Optional[int], typer.Option(help="Classes per UNet call (with --image-batch, (image, class) pairs); lower "
+                                         "it if memory runs out; default 8.")
+    ] = None,
+    image_batch: Annotated[
+        Optional[int], typer.Option(help="Images whose classes share UNet calls (at most --class-batch pairs per "
+                                         "call); speed only, same outputs; default 1.")
     ] = None,
     generator: Annotated[
         Optional[str], typer.Option(help="Image compared with the original: model (the one-step generation), or "
@@ -240,6 +245,14 @@ def refine_command(
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda:N; default auto.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="auto, fp16, bf16 or fp32; default auto.")] = None,
     offline: Annotated[bool, typer.Option("--offline", help="Never contact the Hugging Face Hub.")] = False,
+    compile: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the UNet, VAE and extractor (static shapes): faster after "
+                                             "a warm-up per new batch size, reported on stderr; same outputs.")
+    ] = False,
+    offload: Annotated[
+        bool, typer.Option("--offload", help="CUDA only: keep the backbone's models in CPU memory, each moved to the "
+                                             "GPU while it runs (less GPU memory, slower); same outputs.")
+    ] = False,
     option: Annotated[
         Optional[list[str]], typer.Option("-o", "--option", help="COMPONENT.KEY=VALUE, repeatable.")
     ] = None,
@@ -265,9 +278,10 @@ def refine_command(
         mask_source=mask_source, timestep=timestep, beta=beta, cf=band, seed=seed, prompt=prompt,
         resolution=resolution, ramp_width=ramp_width, merge=merge, bg_threshold=bg_threshold, prob_thd=prob_thd,
         area_thd=area_thd, bg_power=bg_power, guidance_scale=guidance_scale, class_embedding=class_embedding,
-        class_batch=class_batch, generator=generator, noise=noise, inversion_steps=inversion_steps,
-        inversion_prompt=inversion_prompt, null_text_iters=null_text_iters, null_text_lr=null_text_lr,
-        device=device, dtype=dtype, offline=offline or None, options=options or None,
+        class_batch=class_batch, image_batch=image_batch, generator=generator, noise=noise,
+        inversion_steps=inversion_steps, inversion_prompt=inversion_prompt, null_text_iters=null_text_iters,
+        null_text_lr=null_text_lr, device=device, dtype=dtype, offline=offline or None, options=options or None,
+        compile=compile or None, offload=offload or None,
     )
     from g4seg.plugins import registry
 

@@ -20,9 +20,11 @@ activation statistics (trained SD UNets have much larger outliers). Weights are 
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -75,3 +77,55 @@ def save_real_size_sd(path: str | Path, family: str = "sd21", seed: int = 0) -> 
     )
     pipe.to(torch.float16).save_pretrained(path, safe_serialization=True)
     return Path(path)
+
+
+# ----- shared by the benchmarks (benchmarks/real_size.py, g4seg bench) -------------------------------
+
+# the first eight are benchmarks/real_size.py's classes (its figures use the first K); then the rest of VOC's
+CLASS_NAMES = ("cat", "potted plant", "tv monitor", "dog", "person", "dining table", "bird", "car", "aeroplane",
+               "bicycle", "boat", "bottle", "bus", "chair", "cow", "horse", "motorbike", "sheep", "sofa", "train")
+CLIP_MODEL = "ViT-B-16-quickgelu"  # the ``clip`` extractor's default architecture (86 M image tower)
+
+
+def random_clip_options() -> dict[str, str]:
+    """``clip`` extractor options of a random ``ViT-B-16-quickgelu`` (no download). Its weights come from
+    torch's global RNG when the extractor is built: seed it first for the same weights in every build."""
+    return {"model": CLIP_MODEL, "pretrained": "none"}
+
+
+def ensure_real_size_sd(path: str | Path, family: str = "sd21") -> bool:
+    """Build a random ``family`` repo in ``path`` unless it already holds one (``model_index.json``); returns
+    whether it was built. Building sd21 takes ~20 s on 2 CPU cores and writes ~2.6 GB."""
+    path = Path(path)
+    if (path / "model_index.json").is_file():
+        return False
+    save_real_size_sd(path, family)
+    return True
+
+
+def synthetic_inputs(size: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A smooth ``size`` x ``size`` image with K soft elliptic blobs, their probabilities and class names.
+
+    Soft on purpose: each blob's probability is 0.5 on its ellipse with a wide band in [0.2, 0.6], so every
+    class has pixels in the default confidence band and is refined (one generation per class)."""
+    if not 1 <= k <= len(CLASS_NAMES):
+        raise ValueError(f"k must be within 1..{len(CLASS_NAMES)}, got {k}")
+    ys, xs = np.mgrid[0:size, 0:size] / size
+    rng = np.random.default_rng(seed)
+    probs = np.empty((k, size, size), np.float32)
+    image = np.stack([xs, ys, 0.5 * (xs + ys)], -1) * 0.4
+    for c in range(k):
+        cy, cx = rng.uniform(0.25, 0.75, 2)
+        ry, rx = rng.uniform(0.12, 0.3, 2)
+        dist = ((ys - cy) / ry) ** 2 + ((xs - cx) / rx) ** 2
+        probs[c] = 1 / (1 + np.exp(4 * (dist - 1)))  # 0.5 on the ellipse, a wide band in [0.2, 0.6]
+        image = image + probs[c][..., None] * rng.uniform(0.1, 0.6, 3)
+    return (image.clip(0, 1) * 255).round().astype(np.uint8), probs, list(CLASS_NAMES[:k])
+
+
+def device_name(device: torch.device | str) -> str:
+    """The GPU's name, or the CPU's architecture and torch's thread count (what CPU timings depend on)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.machine()}, {torch.get_num_threads()} threads"

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderTiny,
     ControlNetModel,
     DDIMScheduler,
     EulerDiscreteScheduler,
@@ -158,6 +159,22 @@ def save_tiny_lcm(path: str | Path) -> Path:
 def save_tiny_vae(path: str | Path, **config: Any) -> Path:
     """A standalone VAE repo (weights at the root, like madebyollin/sdxl-vae-fp16-fix)."""
     tiny_vae(11, **config).save_pretrained(path, safe_serialization=True)
+    return Path(path)
+
+
+def tiny_taesd(seed: int = 13, **config: Any) -> AutoencoderTiny:
+    """A tiny random TAESD (diffusers ``AutoencoderTiny``) for the tiny VAEs' latents: 4 latent channels, 8x (three
+    2x upsamplings, as the released madebyollin/taesd), 8 channels per block; ``config`` overrides any setting."""
+    settings: dict[str, Any] = {
+        "encoder_block_out_channels": (8, 8, 8, 8), "decoder_block_out_channels": (8, 8, 8, 8),
+        "num_encoder_blocks": (1, 1, 1, 1), "num_decoder_blocks": (1, 1, 1, 1), "latent_channels": 4, **config,
+    }
+    return seeded(seed, AutoencoderTiny, **settings)
+
+
+def save_tiny_taesd(path: str | Path, **config: Any) -> Path:
+    """A standalone TAESD repo (config.json and safetensors weights at the root, like madebyollin/taesd)."""
+    tiny_taesd(**config).save_pretrained(path, safe_serialization=True)
     return Path(path)
 
 
