@@ -15,9 +15,11 @@ replaces the class-name token embeddings of the prompt by those of the name enco
 (DenseDiffusion's ``cond_embeddings[0][j:j+wlen] = cond_embeddings[i][1:1+wlen]``).
 
 ``generator`` chooses what Eq. 8 compares the image with: ``model`` (the one-step generation above) or a
-bias control that needs no UNet or VAE call. ``self`` compares the image with itself (what Eq. 9 does
-when every pixel can match itself); ``noise`` with seeded noise of the image's per-channel mean and std
-(what Eq. 9 does when the "generation" carries no information). See docs/evaluation.md.
+bias control that makes no generation (no noising, no one-step UNet call, no decoding; a feature
+extractor may still run a model of its own, e.g. ``sd`` reads the backbone's UNet). ``self`` compares the
+image with itself (what Eq. 9 does when every pixel can match itself); ``noise`` with seeded noise of the
+image's per-channel mean and std (what Eq. 9 does when the "generation" carries no information). See
+docs/evaluation.md.
 
 ``noise`` chooses how the image latent reaches t_s before the one step: ``add`` (one seeded noise addition,
 the paper's), ``ddim-inversion`` or ``null-text`` (Table IV); the inversions and their choices are in
@@ -430,7 +432,7 @@ class Refiner:
                   classes: list[str], spent: list[float]) -> Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]:
         """What Eq. 8 compares a batch of classes with, by ``generator``: a function of the class indices
         giving the images (B, 3, S, S) and their features. A control is one image for every class, made and
-        extracted once, without any UNet or VAE call (and so without noising: nothing goes to ``spent``)."""
+        extracted once, with no generation (and so without noising: nothing goes to ``spent``)."""
         cfg, device = self.config, self.backbone.device
         if cfg.generator == "model":
             generate = self._one_step(pixels, coarse, classes, spent)
@@ -530,7 +532,8 @@ class Refiner:
         (B, 3, H, W) in [0, 1]. ``injector`` (None: no injection) binds ``masks`` (B, H, W) bool to ``tokens``
         (and, for an injector that takes them, the class ``names``). With guidance (:attr:`guidance_scale`) the
         batch is [unconditional, conditional], the unconditional half the empty prompt or the null-text
-        embedding, and only the conditional half is injected."""
+        embedding; the attention injector modulates only the conditional half (a ControlNet adds residuals to
+        both, as diffusers' pipeline does; see g4seg/components.py)."""
         bb, cfg = self.backbone, self.config
         n = len(cond.encoder_hidden_states)
         alpha_bar = bb.alphas_cumprod[cfg.timestep].to(bb.device)

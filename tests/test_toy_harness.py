@@ -121,6 +121,26 @@ def test_memo_extractor_gives_the_same_features_and_computes_each_input_once():
     assert len(calls) == 6
 
 
+def test_memo_extractor_passes_the_backbone_on_only_to_an_extractor_that_takes_it():
+    """components.UsesBackbone through the memo: the Refiner calls memo.attach, the wrapped extractor gets
+    the backbone; one without attach is left alone."""
+    from g4seg.toy.harness import MemoExtractor
+
+    class TakesBackbone:
+        attached = None
+
+        def attach(self, backbone):
+            self.attached = backbone
+
+        def __call__(self, images):
+            return images
+
+    backbone, inner = object(), TakesBackbone()
+    MemoExtractor(inner).attach(backbone)
+    assert inner.attached is backbone
+    MemoExtractor(lambda images: images).attach(backbone)  # no attach: nothing to do, no error
+
+
 def test_held_out_seeds_are_checked():
     from g4seg.toy.harness import held_out_seeds
 

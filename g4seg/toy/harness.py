@@ -63,6 +63,12 @@ class MemoExtractor:
         self.extractor, self.size = extractor, size
         self._memo: OrderedDict[tuple, "torch.Tensor"] = OrderedDict()
 
+    def attach(self, backbone: Any) -> None:
+        """Pass the refiner's backbone on (components.UsesBackbone) to an extractor that takes it."""
+        attach = getattr(self.extractor, "attach", None)
+        if callable(attach):
+            attach(backbone)
+
     def __call__(self, images: "torch.Tensor") -> "torch.Tensor":
         data = images.detach().contiguous().cpu()
         key = (tuple(data.shape), str(data.dtype), str(images.device),
