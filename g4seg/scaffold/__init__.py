@@ -24,11 +24,10 @@ from string import Template
 
 from g4seg import PLUGIN_API
 from g4seg.errors import G4SegError
+from g4seg.plugins import HOOK_FOR_KIND
 
-SCAFFOLD_KINDS = ("extractor", "injector", "backbone", "mask_source", "postprocessor", "dataset", "command")
-HOOKS = {"extractor": "register_extractors", "injector": "register_injectors", "backbone": "register_backbones",
-         "mask_source": "register_mask_sources", "postprocessor": "register_postprocessors",
-         "dataset": "register_datasets", "command": "register_commands"}
+HOOKS = {**HOOK_FOR_KIND, "command": "register_commands"}  # the hook each kind's package implements
+SCAFFOLD_KINDS = tuple(HOOKS)
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9]*(-[a-z0-9]+)*")
 DIST_PREFIX = "g4seg-"
 
