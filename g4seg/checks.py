@@ -136,6 +136,7 @@ def check_image(path: Path) -> tuple[int, int]:
 def check_items(items: Sequence[Any], classes: Sequence[str], config: Any, runtime: Any = None) -> dict[str, str]:
     """One line per invalid item (stem -> message): its image header, and its mask when that is cheap."""
     from g4seg.plugins import registry
+    from g4seg.runner import encoding_keywords
 
     spec = registry().get("mask_source", config.mask_source)
     source = None
@@ -147,7 +148,7 @@ def check_items(items: Sequence[Any], classes: Sequence[str], config: Any, runti
         try:
             hw = check_image(item.image)
             if check is not None:
-                check(item.image, item.mask, list(classes), hw)
+                check(item.image, item.mask, list(classes), hw, **encoding_keywords(source, item))
         except G4SegError as exc:
             problems[item.stem] = str(exc)
     return problems

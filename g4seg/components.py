@@ -160,7 +160,12 @@ class CoarseMask:
 
 
 class MaskSource(Protocol):
-    """Produces coarse probabilities for an image."""
+    """Produces coarse probabilities for an image.
+
+    Optional: one that reads label-map files sets ``takes_encoding = True`` and is then also called with
+    ``encoding=`` (a dataset's :class:`g4seg.datasets.LabelEncoding`) for the images of a dataset, whose
+    label maps hold that dataset's values (``g4seg refine --dataset``, ``g4seg ablate``).
+    """
 
     def load(self, image_path: Path, mask_path: Path | None, classes: Sequence[str],
              image_hw: tuple[int, int]) -> CoarseMask:

@@ -6,6 +6,14 @@ refined predictions alike: 0 = background, ``i`` = ``classes[i - 1]``, 255 = ign
 The metric works in mmsegmentation's index space, which differs only for datasets without a background
 class (``has_background = False``, e.g. context59): there class ``i`` is index ``i - 1`` and a
 prediction of background (0) belongs to no class (mmseg's ``histc`` drops it), so it only counts as a miss.
+
+Label encodings: a dataset's files (annotations, and the coarse masks and predictions made for it) may store
+labels otherwise, e.g. Cityscapes-style train ids (class i at value i - 1, see :class:`TrainIdLabels`).
+:meth:`SegDataset.decode_labels` turns file values into g4seg labels wherever a label map of the dataset is read
+(annotations, ``g4seg eval`` predictions, coarse masks of ``g4seg refine --dataset`` and ``g4seg ablate``) and
+:meth:`SegDataset.encode_labels` turns g4seg labels back where one is written (the label PNGs of
+``g4seg refine --dataset``), so the files a user gives and gets use the dataset's own values. Both are the
+identity for datasets whose files already follow g4seg's convention.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from pydantic import Field
@@ -22,6 +31,16 @@ from g4seg.registry import Options, Runtime
 
 IGNORE_INDEX = 255
 SHOWN_MISSING = 5  # how many missing names a layout error spells out
+
+
+class LabelEncoding(Protocol):
+    """How a dataset's label-map files store labels (every :class:`SegDataset` is one)."""
+
+    def decode_labels(self, values: np.ndarray) -> np.ndarray:
+        """File values -> g4seg labels (0 background, i = classes[i-1], 255 ignore)."""
+
+    def encode_labels(self, labels: np.ndarray) -> np.ndarray:
+        """g4seg labels -> file values."""
 
 
 class DatasetOptions(Options):
@@ -90,8 +109,10 @@ class Layout:
 class SegDataset:
     """A dataset split laid out on disk: ids, image and label paths, the layout check, labels.
 
-    Subclasses set ``name``, ``class_file``, ``has_background`` and ``layouts`` (split -> Layout), and
-    override :meth:`_convert_label` when the files differ from g4seg's label convention. ``class_file``
+    Subclasses set ``name``, ``class_file``, ``has_background`` and ``layouts`` (split -> Layout), override
+    :meth:`decode_labels` and :meth:`encode_labels` when all of the dataset's label maps store other values
+    than g4seg's (e.g. :class:`TrainIdLabels`), and :meth:`_convert_label` when only the annotations need
+    more (e.g. :func:`reduce_zero_label`). ``class_file``
     is read from ``<class_package>/data/``: g4seg's own for the built-ins, a plugin's package for its own.
     """
 
@@ -188,7 +209,15 @@ class SegDataset:
 
     def load_label(self, id: str) -> np.ndarray:
         """(H, W) uint8 in g4seg's convention: 0 background, i = classes[i-1], 255 ignore."""
-        return self._convert_label(read_index_png(self.label_path(id)))
+        return self._convert_label(self.decode_labels(read_index_png(self.label_path(id))))
+
+    def decode_labels(self, values: np.ndarray) -> np.ndarray:
+        """A label map as this dataset's files store it -> g4seg labels (the identity unless overridden)."""
+        return values
+
+    def encode_labels(self, labels: np.ndarray) -> np.ndarray:
+        """g4seg labels -> the values this dataset's files store (the identity unless overridden)."""
+        return labels
 
     def image_labels(self, id: str) -> list[int]:
         """The foreground labels (1..K) present in the image: the image-level labels WSSS methods use."""
@@ -216,3 +245,40 @@ class SegDataset:
     def _missing_split_file(self) -> str:
         names = " or ".join(str(self.root / n) for n in self.layout.split_files)
         return f"split file {names} not found"
+
+
+def reduce_zero_label(raw: np.ndarray) -> np.ndarray:
+    """mmseg's ``reduce_zero_label`` for annotations in g4seg's label space: 0 (unlabelled) becomes 255.
+
+    The ``- 1`` half of mmseg's shift is :meth:`SegDataset.to_metric`'s, for datasets without a background.
+    """
+    labels = raw.copy()
+    labels[raw == 0] = IGNORE_INDEX
+    return labels
+
+
+class TrainIdLabels:
+    """Label encoding of Cityscapes-style train ids, mixed into a :class:`SegDataset` without background:
+    class ``i`` (g4seg label, 1-based) is stored as ``i - 1``, 255 is ignore, and no value means background.
+
+    Decoding sends values outside 0..K-1 (and not 255) to 0, a pixel of no class, which the metric counts as
+    mmseg's ``histc`` counts an out-of-range value: for no class. Encoding writes g4seg's 0 (a refined pixel
+    that no class claims) as 255, which mmseg's metric also gives to no class when it is a prediction.
+    """
+
+    classes: list[str]
+
+    def decode_labels(self, values: np.ndarray) -> np.ndarray:
+        values = np.asarray(values)
+        labels = np.zeros(values.shape, np.uint8)
+        known = values < len(self.classes)
+        labels[known] = values[known] + 1
+        labels[values == IGNORE_INDEX] = IGNORE_INDEX
+        return labels
+
+    def encode_labels(self, labels: np.ndarray) -> np.ndarray:
+        labels = np.asarray(labels)
+        values = np.full(labels.shape, IGNORE_INDEX, np.uint8)
+        known = (labels >= 1) & (labels <= len(self.classes))
+        values[known] = labels[known] - 1
+        return values

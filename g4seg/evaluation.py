@@ -1,8 +1,10 @@
 """Score a folder of predicted label maps against a dataset split, and compare two such folders.
 
-Predictions are palette or grey PNGs named ``<id>.png`` in g4seg's label convention (0 background,
-i = classes[i-1], 255 ignore) -- what ``g4seg refine`` writes and what SCLIP/mmseg save with
-``output_dir`` set. They must have the label's size (mmseg resizes logits to it before the argmax).
+Predictions are palette or grey PNGs named ``<id>.png`` in the dataset's label encoding -- g4seg's label
+convention (0 background, i = classes[i-1], 255 ignore) for most datasets, train ids for ``nightcity``
+(:meth:`g4seg.datasets.SegDataset.decode_labels`) -- what ``g4seg refine --dataset`` writes and what
+SCLIP/mmseg save with ``output_dir`` set. They must have the label's size (mmseg resizes logits to it
+before the argmax).
 
 A comparison reports the mIoU gain with a paired bootstrap interval over images and the share of images
 that improved, so a gain can be read against the spread over images (docs/evaluation.md).
@@ -146,7 +148,7 @@ def _check_predictions(pred_dir: Path, ids: list[str]) -> None:
 
 
 def _score_image(pred_dir: Path, dataset: SegDataset, id: str, num_classes: int) -> Areas:
-    pred = read_index_png(_prediction_path(pred_dir, id))
+    pred = dataset.decode_labels(read_index_png(_prediction_path(pred_dir, id)))
     label = dataset.load_label(id)
     if pred.shape != label.shape:
         raise G4SegError(f"{_prediction_path(pred_dir, id)} is {pred.shape[1]}x{pred.shape[0]} but its label "

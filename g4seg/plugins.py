@@ -50,6 +50,8 @@ BUILTIN_MODULES = (
     "g4seg.builtin.dataset_context",
     "g4seg.builtin.dataset_coco_object",
     "g4seg.builtin.dataset_toy",
+    "g4seg.builtin.dataset_ade20k",
+    "g4seg.builtin.dataset_nightcity",
 )
 
 HOOK_FOR_KIND = {

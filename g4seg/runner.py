@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from g4seg.components import CoarseMask, MaskSource
+    from g4seg.datasets import LabelEncoding
     from g4seg.refiner import Refiner, RefineResult
 
 CONFIG_FILE = "config.json"
@@ -62,11 +63,23 @@ _TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
 
 @dataclass(frozen=True)
 class WorkItem:
-    """One image to refine: outputs are named ``<stem>.png`` / ``<stem>.npz``."""
+    """One image to refine: outputs are named ``<stem>.png`` / ``<stem>.npz``.
+
+    ``encoding`` (a dataset's, see :mod:`g4seg.datasets`) says how its label-map files store labels: the coarse
+    mask is decoded with it (by mask sources with ``takes_encoding``) and the label PNGs are written encoded.
+    """
 
     stem: str
     image: Path
     mask: Path | None  # coarse mask file for the mask source
+    encoding: "LabelEncoding | None" = None  # None: g4seg's own labels
+
+
+def encoding_keywords(mask_source: Any, item: WorkItem) -> dict[str, Any]:
+    """``encoding=`` for a mask source that reads label maps (``takes_encoding = True``) when the item has one."""
+    if item.encoding is None or not getattr(mask_source, "takes_encoding", False):
+        return {}
+    return {"encoding": item.encoding}
 
 
 @dataclass
@@ -141,7 +154,7 @@ def dataset_items(dataset: Any, coarse: Path) -> list[WorkItem]:
     if not Path(coarse).is_dir():
         raise G4SegError(f"coarse mask folder not found: {coarse}")
     index = mask_index(coarse)  # one folder scan, not one per id
-    return [WorkItem(i, dataset.image_path(i), find_mask(coarse, i, index)) for i in dataset.ids()]
+    return [WorkItem(i, dataset.image_path(i), find_mask(coarse, i, index), dataset) for i in dataset.ids()]
 
 
 @dataclass(frozen=True)
@@ -433,7 +446,8 @@ def _read(item: WorkItem, mask_source: "MaskSource", classes: list[str]) -> _Rea
     read = _Read(item, identify(item.image), identify(item.mask) if item.mask is not None else None)
     try:
         read.image = io.load_image(item.image)
-        read.coarse = mask_source.load(item.image, item.mask, classes, read.image.shape[:2])
+        read.coarse = mask_source.load(item.image, item.mask, classes, read.image.shape[:2],
+                                       **encoding_keywords(mask_source, item))
     except Exception as exc:  # noqa: BLE001 - one bad input must not end a long run
         read.error = exc
     read.seconds = time.perf_counter() - start
@@ -555,12 +569,16 @@ def _compute(batch: list[_Read], refiner: "Refiner", classes: list[str], wanted:
 
 
 def _write_outputs(out_dir: Path, stem: str, result: "RefineResult", image: "np.ndarray", classes: list[str],
-                   saved: set[str]) -> dict[str, FileId]:
-    """Write one image's outputs (each atomically); returns them (paths relative to ``out_dir``) with their ids."""
-    outputs = {f"{stem}.png": io.save_label_png(out_dir / f"{stem}.png", result.labels)}
+                   saved: set[str], encoding: "LabelEncoding | None" = None) -> dict[str, FileId]:
+    """Write one image's outputs (each atomically); returns them (paths relative to ``out_dir``) with their ids.
+
+    Label PNGs hold ``encoding``'s values (a dataset's own), overlays are drawn from g4seg's labels."""
+    encode = (lambda labels: labels) if encoding is None else encoding.encode_labels
+    outputs = {f"{stem}.png": io.save_label_png(out_dir / f"{stem}.png", encode(result.labels))}
     outputs[f"{stem}.npz"] = io.save_probs_npz(out_dir / f"{stem}.npz", result.probs, classes, result.background)
     if "coarse" in saved:
-        outputs[f"coarse/{stem}.png"] = io.save_label_png(out_dir / "coarse" / f"{stem}.png", result.coarse_labels)
+        outputs[f"coarse/{stem}.png"] = io.save_label_png(out_dir / "coarse" / f"{stem}.png",
+                                                          encode(result.coarse_labels))
     if "overlay" in saved:
         outputs[f"overlay/{stem}.png"] = io.save_rgb_png(out_dir / "overlay" / f"{stem}.png",
                                                          io.overlay(image, result.labels))
@@ -680,7 +698,8 @@ def _run_locked(mine: list[WorkItem], out_dir: Path, config: RefineConfig, class
             outputs: dict[str, FileId] = {}
             if error is None:
                 try:
-                    outputs = _write_outputs(out_dir, item.stem, done.result, read.image, classes, wanted)
+                    outputs = _write_outputs(out_dir, item.stem, done.result, read.image, classes, wanted,
+                                             item.encoding)
                     _remove_leftovers(out_dir, item.stem, set(outputs))
                 except Exception as exc:  # noqa: BLE001 - one bad image must not end a long run
                     error, outputs = exc, {}

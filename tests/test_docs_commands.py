@@ -321,7 +321,7 @@ def test_not_built_yet_commands_still_fail(command: DocCommand):
 
 @pytest.mark.parametrize("text, problem", [
     ("g4seg ablate GRID.toml", "--grid"),
-    ("g4seg eval COARSE", "--dataset"),
+    ("g4seg eval --dataset voc12 --root ROOT", "PRED_DIR"),  # --dataset is required only without --panoptic
     ("g4seg refine IMAGE --mask M --classes cat --out DIR --frobnicate", "No such option"),
     ("g4seg refine IMAGE --mask M --classes cat --out DIR --beta high", "beta"),
     ("g4seg refine IMAGE --mask M --classes cat --out DIR --injector sketchnet", "sketchnet"),

@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from g4seg.datasets import IGNORE_INDEX, DatasetOptions, Layout, SegDataset
+from g4seg.datasets import DatasetOptions, Layout, SegDataset, reduce_zero_label
 from g4seg.hookspecs import hookimpl
 from g4seg.registry import ComponentSpec
 
@@ -43,9 +43,7 @@ class Context59(Context60):
     has_background = False
 
     def _convert_label(self, raw: np.ndarray) -> np.ndarray:
-        labels = raw.copy()
-        labels[raw == 0] = IGNORE_INDEX
-        return labels
+        return reduce_zero_label(raw)
 
 
 @hookimpl

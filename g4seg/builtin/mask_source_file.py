@@ -3,7 +3,9 @@
 - PNG (or any image PIL reads): a palette image is read as indices, a grey one as values. As a
   label map, value i is the i-th class of the class list, 0 background, 255 ignore. A grey mask
   holding only 0 and 255 for a single class is a binary mask (255 = the class); 0/1 reads the same
-  either way. ``mode`` forces one reading.
+  either way. ``mode`` forces one reading. With ``encoding`` (a dataset's: ``g4seg refine --dataset``
+  and ``g4seg ablate`` pass it, see ``takes_encoding``) a label map holds that dataset's values instead
+  (e.g. train ids): a value the dataset never writes is refused, the others are decoded to g4seg's labels.
 - ``.npy``: a (K, H, W) stack of probabilities in [0, 1] aligned with the class list, or (H, W) for
   one class. ``.npz``: the same under the key ``probs``; when it also stores ``classes`` (as g4seg
   writes its outputs), the maps are picked and reordered to match the requested class list.
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -36,6 +38,9 @@ from g4seg.errors import G4SegError
 from g4seg.hookspecs import hookimpl
 from g4seg.masks import IGNORE_LABEL, one_hot
 from g4seg.registry import ComponentSpec, Options, Runtime
+
+if TYPE_CHECKING:
+    from g4seg.datasets import LabelEncoding
 
 ARRAY_SUFFIXES = (".npy", ".npz")
 BACKGROUND = "background"
@@ -55,11 +60,13 @@ def _size(hw: tuple[int, int]) -> str:
 class FileMaskSource:
     """Reads one mask file per image; see the module docstring for the formats."""
 
+    takes_encoding = True  # label maps may be in a dataset's own encoding (g4seg.runner.encoding_keywords)
+
     def __init__(self, options: FileMaskOptions) -> None:
         self.options = options
 
     def load(self, image_path: Path, mask_path: Path | None, classes: Sequence[str],
-             image_hw: tuple[int, int]) -> CoarseMask:
+             image_hw: tuple[int, int], encoding: LabelEncoding | None = None) -> CoarseMask:
         classes = list(classes)
         if mask_path is None:
             raise G4SegError(f"mask source 'file' needs a mask file for image {image_path}")
@@ -80,7 +87,7 @@ class FileMaskSource:
         if soft:
             probs, background, ignore = *_read_array(mask_path, classes), None
         else:
-            probs, ignore = self._read_image(mask_path, classes)
+            probs, ignore = self._read_image(mask_path, classes, encoding)
         if background is not None:
             probs = np.concatenate([background[None], probs])
         probs, ignore = self._fit(mask_path, probs, ignore, tuple(image_hw), soft, image_path)
@@ -90,12 +97,15 @@ class FileMaskSource:
                           None if background is None else np.ascontiguousarray(background, dtype=np.float32))
 
     def check(self, image_path: Path, mask_path: Path | None, classes: Sequence[str],
-              image_hw: tuple[int, int]) -> None:
+              image_hw: tuple[int, int], encoding: LabelEncoding | None = None) -> None:
         """Raise the G4SegError :meth:`load` would raise (file, format, values, class count, size)."""
-        self.load(image_path, mask_path, classes, image_hw)
+        self.load(image_path, mask_path, classes, image_hw, encoding)
 
-    def _read_image(self, path: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+    def _read_image(self, path: Path, classes: list[str],
+                    encoding: LabelEncoding | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         values, palette = _image_values(path)
+        if encoding is not None:
+            values = _decode(path, values, encoding, len(classes))
         present = set(np.unique(values).tolist())
         binary = self.options.mode == "binary" or (
             self.options.mode == "auto" and len(classes) == 1 and not palette and present <= {0, 255})
@@ -191,6 +201,27 @@ def _image_values(path: Path) -> tuple[np.ndarray, bool]:
     elif mode not in ("1", "L", "I", "I;16", "I;16B", "I;16L"):
         raise G4SegError(f"mask {path} has unsupported image mode {mode}; use a palette or grey PNG")
     return array.astype(np.int64), mode in ("P", "PA")
+
+
+def _decode(path: Path, values: np.ndarray, encoding: LabelEncoding, k: int) -> np.ndarray:
+    """A label map in a dataset's encoding -> g4seg labels; a value the encoding never writes is an error."""
+    written = np.unique(encoding.encode_labels(np.array([*range(k + 1), IGNORE_LABEL], dtype=np.uint8)))
+    outside = np.setdiff1d(np.unique(values), written)
+    if outside.size:
+        raise G4SegError(f"mask {path} has values {_list(outside.tolist())} that this dataset's label maps never "
+                         f"hold (K={k}: they hold {_runs(written.tolist())})")
+    return encoding.decode_labels(values).astype(np.int64)
+
+
+def _runs(values: Sequence[int]) -> str:
+    """Sorted integers as runs: [0, 1, ..., 18, 255] -> '0..18, 255'."""
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ", ".join(f"{a}..{b}" if b > a else str(a) for a, b in runs)
 
 
 def _labels_to_probs(path: Path, labels: np.ndarray, classes: list[str]) -> tuple[np.ndarray, np.ndarray | None]:

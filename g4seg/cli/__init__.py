@@ -97,8 +97,10 @@ def _register() -> None:
     from g4seg.cli.doctor import doctor_command
     from g4seg.cli.eval import eval_command
     from g4seg.cli.listing import compat_command, list_command
+    from g4seg.cli.panoptic import refine_panoptic_command
     from g4seg.cli.plugins import list_plugins, new_command, plugins_app
     from g4seg.cli.refine import refine_command
+    from g4seg.cli.serve import serve_command
 
     for name, command in (
         ("refine", refine_command),
@@ -108,6 +110,8 @@ def _register() -> None:
         ("compat", compat_command),
         ("doctor", doctor_command),
         ("bench", bench_command),
+        ("refine-panoptic", refine_panoptic_command),
+        ("serve", serve_command),
     ):
         app.command(name)(user_errors(command))
     from g4seg.cli.toy import demo_command, toy_app, toy_commands
@@ -117,6 +121,10 @@ def _register() -> None:
     for name, command in toy_commands():
         toy_app.command(name)(user_errors(command))
     app.add_typer(toy_app)
+    from g4seg.cli.controlnet import controlnet_app, train_command
+
+    controlnet_app.command("train")(user_errors(train_command))
+    app.add_typer(controlnet_app)
     plugins_app.callback()(user_errors(list_plugins))
     plugins_app.command("new")(user_errors(new_command))
     app.add_typer(plugins_app)

@@ -51,9 +51,9 @@ def _bin_table(comparison: Comparison) -> Table:
 def eval_command(
     pred_dir: Annotated[Path, typer.Argument(help="Folder of predicted label maps named <id>.png.",
                                              show_default=False)],
-    dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset name (g4seg list datasets).",
-                                         show_default=False)],
-    root: Annotated[Path, typer.Option("--root", help="Dataset root folder.", show_default=False)],
+    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Dataset name (g4seg list datasets).",
+                                                   show_default=False)] = None,
+    root: Annotated[Optional[Path], typer.Option("--root", help="Dataset root folder.", show_default=False)] = None,
     split: Annotated[str, typer.Option("--split", help="Dataset split.")] = "val",
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Also write the scores as JSON here.")] = None,
     compare_dir: Annotated[Optional[Path], typer.Option(
@@ -64,8 +64,15 @@ def eval_command(
     plot: Annotated[Optional[Path], typer.Option(
         "--plot", help="--compare: write the per-image picture (coarse vs refined IoU) here; default "
                        "next to --json as <name>.per_image.png.")] = None,
+    panoptic: Annotated[bool, typer.Option(
+        "--panoptic", help="Score COCO panoptic PNGs + JSON (PQ, SQ, RQ as panopticapi) instead of label maps; "
+                           "needs --pred-json, --gt-dir and --gt-json, no --dataset.")] = False,
+    pred_json: Annotated[Optional[Path], typer.Option("--pred-json", help="--panoptic: the predictions' JSON.")] = None,
+    gt_dir: Annotated[Optional[Path], typer.Option("--gt-dir", help="--panoptic: folder of ground-truth PNGs.")] = None,
+    gt_json: Annotated[Optional[Path], typer.Option("--gt-json", help="--panoptic: the ground truth's JSON.")] = None,
 ) -> None:
-    """mIoU as mmsegmentation's IoUMetric computes it (dataset-wide sums, 255 ignored), per class."""
+    """mIoU as mmsegmentation's IoUMetric computes it (dataset-wide sums, 255 ignored), per class; with
+    --panoptic, panoptic quality (docs/panoptic.md)."""
     from g4seg.checks import check_output_file
     from g4seg.errors import G4SegError
     from g4seg.evaluation import compare, evaluate, per_image_figure, save_figure
@@ -73,6 +80,20 @@ def eval_command(
     from g4seg.metrics import check_bootstrap
     from g4seg.plugins import registry
 
+    if panoptic:
+        given = [name for name, value in (("--dataset", dataset), ("--root", root), ("--compare", compare_dir),
+                                          ("--plot", plot)) if value is not None]
+        if given:
+            raise G4SegError(f"--panoptic takes --pred-json, --gt-dir and --gt-json, not {', '.join(given)}")
+        from g4seg.cli.panoptic import panoptic_eval
+
+        return panoptic_eval(pred_dir, pred_json, gt_dir, gt_json, json_file)
+    given = [name for name, value in (("--pred-json", pred_json), ("--gt-dir", gt_dir), ("--gt-json", gt_json))
+             if value is not None]
+    if given:
+        raise G4SegError(f"{', '.join(given)}: give --panoptic to score panoptic predictions")
+    if dataset is None or root is None:
+        raise G4SegError("eval needs --dataset and --root (or --panoptic with --pred-json, --gt-dir and --gt-json)")
     if compare_dir is None and plot is not None:
         raise G4SegError("--plot draws the comparison: give --compare COARSE_DIR as well")
     if plot is None and json_file is not None and compare_dir is not None:

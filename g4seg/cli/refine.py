@@ -96,13 +96,14 @@ def dataset_items(name: str, root: Path | None, split: str | None, coarse: Path 
         raise G4SegError("this mask source makes coarse masks from the images; leave out --coarse")
     dataset = registry().get("dataset", name).build({"root": root, "split": split})
     dataset.check()
+    ids = dataset.ids()
     if not needs_mask:
-        return [runner.WorkItem(i, dataset.image_path(i), None) for i in dataset.ids()], list(dataset.classes), {}
+        return [runner.WorkItem(i, dataset.image_path(i), None, dataset) for i in ids], list(dataset.classes), {}
     if not Path(coarse).is_dir():
         raise G4SegError(f"coarse mask folder not found: {coarse}")
-    ids = dataset.ids()
     masks, problems = _masks_for(ids, Path(coarse), "coarse mask")
-    return [runner.WorkItem(i, dataset.image_path(i), m) for i, m in zip(ids, masks)], list(dataset.classes), problems
+    items = [runner.WorkItem(i, dataset.image_path(i), m, dataset) for i, m in zip(ids, masks)]
+    return items, list(dataset.classes), problems
 
 
 def check_inputs(items: list, problems: dict[str, str], cfg, class_names: list[str], out: Path, *,
