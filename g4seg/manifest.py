@@ -66,9 +66,14 @@ class Entry:
         """Parse one manifest line; None for a line cut short by a kill or otherwise unreadable."""
         try:
             data = json.loads(line)
-            known = {f.name for f in fields(cls)}
+        except ValueError:
+            return None
+        if not isinstance(data, dict):  # valid JSON but no entry (a hand-edited line such as `null` or `[1, 2]`)
+            return None
+        known = {f.name for f in fields(cls)}
+        try:
             return cls(**{k: v for k, v in data.items() if k in known})
-        except (ValueError, TypeError):
+        except TypeError:
             return None
 
 

@@ -9,7 +9,12 @@ written into the copy's pyproject.toml, and mutmut runs there (it mutates a furt
 ``DEST/tree/mutants/``, and puts it first on ``sys.path``). Each module is run on its own, in the order
 given, so a ``--seconds`` budget that runs out still leaves complete results for the modules before it.
 At the end every surviving mutant is printed as ``file:line: original -> mutant`` and the score per
-module; ``DEST/summary.json`` holds the same. See docs/testing.md.
+module; ``DEST/summary.json`` holds the same.
+
+``--retest`` (with the ``--dest`` of a finished run) does not run mutmut again: it copies the current test
+files into that run's copy and runs them, with ``-x``, on each mutant the run left surviving or unchecked
+(``MUTANT_UNDER_TEST`` selects it in mutmut's trampolines), so new tests are scored in minutes instead of a
+whole new run; the verdicts go to ``DEST/retest.json`` and into the printed scores. See docs/testing.md.
 """
 
 from __future__ import annotations
@@ -31,18 +36,18 @@ REPO = Path(__file__).resolve().parent.parent
 # module -> the test files that exercise it (mutmut then runs, per mutant, only the tests that reach
 # the mutated function). Ordered by priority: the method first, then the run loop.
 TESTS = {
-    "g4seg/masks.py": ["test_masks", "test_identity", "test_runner"],
-    "g4seg/correspondence.py": ["test_correspondence", "test_refiner"],
+    "g4seg/masks.py": ["test_masks", "test_mutation_gaps", "test_identity", "test_runner"],
+    "g4seg/correspondence.py": ["test_correspondence", "test_mutation_gaps", "test_refiner"],
     "g4seg/diffusion_math.py": ["test_diffusion_math", "test_refiner"],
     "g4seg/metrics.py": ["test_metrics", "test_eval_cli"],
     "g4seg/refiner.py": ["test_refiner", "test_identity", "test_input_checks"],
-    "g4seg/manifest.py": ["test_runner", "test_run_safety"],
+    "g4seg/manifest.py": ["test_mutation_manifest", "test_runner", "test_run_safety"],
     "g4seg/config.py": ["test_config", "test_masks", "test_runner"],
     "g4seg/runner.py": ["test_runner", "test_run_safety", "test_sharding", "test_input_checks"],
     "g4seg/ablation.py": ["test_ablation"],
-    "g4seg/fileid.py": ["test_runner", "test_run_safety"],
-    "g4seg/runlock.py": ["test_run_safety"],
-    "g4seg/io.py": ["test_runner", "test_run_safety", "test_datasets"],
+    "g4seg/fileid.py": ["test_mutation_fileid", "test_runner", "test_run_safety"],
+    "g4seg/runlock.py": ["test_mutation_runlock", "test_run_safety"],
+    "g4seg/io.py": ["test_mutation_io", "test_runner", "test_run_safety", "test_datasets", "test_input_checks"],
     "g4seg/checks.py": ["test_input_checks"],
     "g4seg/evaluation.py": ["test_eval_cli", "test_ablation"],
     "g4seg/sharding.py": ["test_sharding"],
@@ -186,23 +191,58 @@ def describe(tree: Path, module: str, key: str, lib: str | None) -> tuple[int | 
     return line, " / ".join(removed) or "?", " / ".join(added) or "(line removed)"
 
 
-def collect(tree: Path, module: str, lib: str | None) -> dict:
+def _exit_codes(tree: Path, module: str) -> dict[str, int | None]:
+    """mutmut's verdict (exit code) per mutant key of ``module``; {} before a run."""
     meta = tree / "mutants" / (module + ".meta")
-    if not meta.exists():
+    return json.loads(meta.read_text())["exit_code_by_key"] if meta.exists() else {}
+
+
+def collect(tree: Path, module: str, lib: str | None, retested: dict[str, str] | None = None) -> dict:
+    """Counts per status and the survivors of ``module``; ``retested`` (key -> status) overrides mutmut's."""
+    codes = _exit_codes(tree, module)
+    if not codes:
         return {"module": module, "total": 0, "status": {}, "survivors": []}
     sys.path.append(lib) if lib and lib not in sys.path else None
     from mutmut.stats import status_by_exit_code
 
-    codes = json.loads(meta.read_text())["exit_code_by_key"]
     status: dict[str, int] = {}
     survivors = []
     for key, code in codes.items():
-        name = status_by_exit_code[code]
+        name = (retested or {}).get(key) or status_by_exit_code[code]
         status[name] = status.get(name, 0) + 1
-        if name in ("survived", "no tests", "suspicious"):
+        if name in ("survived", "no tests", "suspicious", "error"):
             line, before, after = describe(tree, module, key, lib)
             survivors.append({"key": key, "status": name, "line": line, "original": before, "mutant": after})
     return {"module": module, "total": len(codes), "status": status, "survivors": survivors}
+
+
+RETEST_STATUS = ("survived", "no tests", "suspicious", "not checked")
+RETEST_TIMEOUT_S = 150  # per mutant; a mutant that makes a loop endless counts as killed, as mutmut's timeouts do
+
+
+def retest(tree: Path, module: str, tests: list[str], env: dict, deadline: float | None) -> dict[str, str]:
+    """Run ``tests`` (already copied into the mutants folder) on each mutant of ``module`` that mutmut left
+    surviving or unchecked; key -> "killed", "survived", "timeout" or "error" (pytest could not run: exit 2, 4, 5)."""
+    from mutmut.stats import status_by_exit_code
+
+    verdicts = {}
+    for key, code in _exit_codes(tree, module).items():
+        if status_by_exit_code[code] not in RETEST_STATUS:
+            continue
+        if deadline is not None and time.monotonic() > deadline:
+            break
+        command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+        try:
+            mutant_env = {**env, "MUTANT_UNDER_TEST": key,  # the mutated copy first, for subprocesses too
+                          "PYTHONPATH": os.pathsep.join([str(tree / "mutants"), env["PYTHONPATH"]])}
+            rc = subprocess.run(command, cwd=tree / "mutants", env=mutant_env,
+                                capture_output=True, timeout=RETEST_TIMEOUT_S).returncode
+            # as mutmut counts: failed tests, a pytest internal error or death by a signal kill the mutant
+            verdicts[key] = "survived" if rc == 0 else "killed" if rc in (1, 3) or rc < 0 else "error"
+        except subprocess.TimeoutExpired:
+            verdicts[key] = "timeout"
+        print(f"  {key}: {verdicts[key]}", flush=True)
+    return verdicts
 
 
 def _score(entry: dict) -> tuple[int, int]:
@@ -221,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, help="overall time budget; modules not reached are reported")
     parser.add_argument("--dest", type=Path, default=Path("/tmp/g4seg-mutants"), help="where the copy goes")
     parser.add_argument("--keep", action="store_true", help="reuse DEST/tree and mutmut's cached results")
+    parser.add_argument("--retest", action="store_true",
+                        help="no new mutmut run: run the current --tests on the survivors of the run in --dest")
     parser.add_argument("--mutmut-lib", default=os.environ.get("G4SEG_MUTMUT_LIB"),
                         help="a folder holding mutmut (pip install --target), if it is not installed")
     args = parser.parse_args(argv)
@@ -238,7 +280,13 @@ def main(argv: list[str] | None = None) -> int:
     if dest == REPO or REPO in dest.parents:
         parser.error("--dest must be outside the repository")
     tree = dest / "tree"
-    if not (args.keep and tree.exists()):
+    if args.retest:
+        if not (tree / "mutants").is_dir():
+            parser.error(f"--retest needs a finished run in {dest}")
+        for test in tests:  # the current versions, into the copy and into mutmut's copy of it
+            for root in (tree, tree / "mutants"):
+                shutil.copy2(REPO / test, root / test)
+    elif not (args.keep and tree.exists()):
         print(f"copying the working tree to {tree}")
         make_copy(dest, modules, tests)
     lib = args.mutmut_lib and _overlay(Path(args.mutmut_lib).resolve(), dest / "pylib")
@@ -249,10 +297,21 @@ def main(argv: list[str] | None = None) -> int:
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     started = time.monotonic()
     outcome = {}
+    retests_file = dest / "retest.json"
+    if not args.retest:
+        retests_file.unlink(missing_ok=True)  # a new mutmut run: its verdicts replace any retest's
+    retested = json.loads(retests_file.read_text()) if retests_file.exists() else {}
     for module in modules:
         left = None if args.seconds is None else args.seconds - (time.monotonic() - started)
         if left is not None and left < 30:
             outcome[module] = "not reached"
+            continue
+        if args.retest:
+            print(f"retesting the survivors of {module} ...", flush=True)
+            sys.path.append(lib) if lib and lib not in sys.path else None
+            retested.update(retest(tree, module, tests, env, None if left is None else time.monotonic() + left))
+            retests_file.write_text(json.dumps(retested, indent=1) + "\n")
+            outcome[module] = "retested"
             continue
         print(f"mutating {module} ...", flush=True)
         outcome[module] = run_module(tree, module, lib, args.max_children, left, env)
@@ -263,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         print("WARNING: some test run imported g4seg from outside the copy", file=sys.stderr)
     results = []
     for module in modules:
-        entry = collect(tree, module, lib)
+        entry = collect(tree, module, lib, retested)
         entry["run"] = outcome[module]
         results.append(entry)
         for s in entry["survivors"]:
