@@ -49,8 +49,8 @@ TESTS = {
     "g4seg/runlock.py": ["test_mutation_runlock", "test_run_safety"],
     "g4seg/io.py": ["test_mutation_io", "test_runner", "test_run_safety", "test_datasets", "test_input_checks"],
     "g4seg/checks.py": ["test_input_checks"],
-    "g4seg/evaluation.py": ["test_eval_cli", "test_ablation"],
-    "g4seg/sharding.py": ["test_sharding"],
+    "g4seg/evaluation.py": ["test_mutation_evaluation", "test_eval_cli", "test_bootstrap", "test_ablation"],
+    "g4seg/sharding.py": ["test_mutation_evaluation", "test_sharding"],
     "g4seg/builtin/injector_attn.py": ["test_injector_attn", "test_densediffusion_parity"],
 }
 DEFAULT = list(TESTS)[:8]
