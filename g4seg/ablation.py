@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from g4seg.config import COMPONENT_KINDS, RefineConfig, guidance_refusal, load_config
 from g4seg.errors import G4SegError
-from g4seg.io import atomic_write_bytes
+from g4seg.io import atomic_write_bytes, atomic_write_json
 from g4seg.plugins import registry
 from g4seg.registry import incompatibilities
 from g4seg.runner import WorkItem, dataset_items, folder_status, run
@@ -467,7 +467,7 @@ def write_report(report: AblationReport) -> None:
     summary = {"dataset": report.dataset, "split": report.split,
                "coarse": {"miou": _round(report.coarse_miou), "note": report.coarse_note},
                "bootstrap": {"resamples": report.resamples, "seed": report.bootstrap_seed}, "cells": cells}
-    atomic_write_bytes(out / "results.json", (json.dumps(summary, indent=2) + "\n").encode())
+    atomic_write_json(out / "results.json", summary)
     buffer = _io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()

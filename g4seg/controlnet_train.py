@@ -60,7 +60,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from g4seg.errors import G4SegError
-from g4seg.io import FILE_MODE, atomic_write_bytes
+from g4seg.io import FILE_MODE, atomic_write_json
 
 if TYPE_CHECKING:
     import torch
@@ -258,10 +258,6 @@ def read_json(path: Path) -> dict[str, Any] | None:
         raise G4SegError(f"cannot read {path}: {exc}") from None
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
-
-
 def fsync_tree(folder: Path) -> None:
     """fsync every file of ``folder`` (recursively) and the folders themselves, before a rename publishes it."""
     for path in sorted(folder.rglob("*"), reverse=True):
@@ -406,7 +402,7 @@ def _train(settings: TrainSettings, out: Path, data: ConditionData, accelerator:
         for stale in [*out.glob(f"{TEMP_PREFIX}*"), *(out / CHECKPOINTS).glob(f"{TEMP_PREFIX}*")]:
             shutil.rmtree(stale, ignore_errors=True)  # a killed save's leftovers: never renamed, never read
         if not (out / SETTINGS_FILE).is_file():
-            write_json(out / SETTINGS_FILE, settings.model_dump(mode="json"))
+            atomic_write_json(out / SETTINGS_FILE, settings.model_dump(mode="json"))
     weight_dtype = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}[settings.mixed_precision]
     backbone = load_backbone(settings, str(accelerator.device), weight_dtype, offline)
     side = settings.resolution or backbone.resolution
@@ -455,9 +451,10 @@ def _train(settings: TrainSettings, out: Path, data: ConditionData, accelerator:
     final = evaluate(model) if main else None
     if main:
         save_model(model, out)
-        write_json(out / LOG_FILE, {"step": settings.steps, "started_at": start, "seconds": time.monotonic() - began,
-                                    "eval_loss_initial": progress["eval_loss_initial"], "eval_loss_final": final,
-                                    "losses": progress["losses"]})
+        atomic_write_json(out / LOG_FILE, {"step": settings.steps, "started_at": start,
+                                           "seconds": time.monotonic() - began,
+                                           "eval_loss_initial": progress["eval_loss_initial"],
+                                           "eval_loss_final": final, "losses": progress["losses"]})
     accelerator.wait_for_everyone()
     return TrainResult(out, settings.steps, start, progress["eval_loss_initial"], final, progress["losses"])
 
@@ -496,7 +493,7 @@ def save_checkpoint(accelerator: Any, out: Path, progress: dict[str, Any], keep:
     accelerator.save_state(str(temp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_json(temp / PROGRESS_FILE, progress)
+        atomic_write_json(temp / PROGRESS_FILE, progress)
         fsync_tree(temp)
         if folder.exists():  # the same step saved before (a rerun that stopped between rename and log)
             shutil.rmtree(folder)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -171,6 +172,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> FileId:
         Path(tmp).unlink(missing_ok=True)
         raise
     return FileId(stat.st_size, stat.st_mtime_ns, digest_bytes(data))
+
+
+def atomic_write_json(path: Path, data: object, *, allow_nan: bool = True) -> FileId:
+    """``data`` as indented JSON with a final newline, written atomically (:func:`atomic_write_bytes`)."""
+    return atomic_write_bytes(path, (json.dumps(data, indent=2, allow_nan=allow_nan) + "\n").encode())
+
+
+def write_json_report(path: Path, data: object, what: str, *, allow_nan: bool = True) -> None:
+    """A command's JSON report (``what``: its option, e.g. ``--json``); a failed write is one line naming it."""
+    try:
+        atomic_write_json(path, data, allow_nan=allow_nan)
+    except OSError as exc:
+        raise G4SegError(f"cannot write {what} {path}: {exc.strerror or exc}") from None
 
 
 def label_png_bytes(labels: np.ndarray) -> bytes:

@@ -384,7 +384,7 @@ def _write_config(out_dir: Path, config: RefineConfig, classes: list[str], ident
         "versions": package_versions(VERSIONED),
         "plugins": _plugins(),
     }
-    io.atomic_write_bytes(out_dir / CONFIG_FILE, (json.dumps(record, indent=2) + "\n").encode())
+    io.atomic_write_json(out_dir / CONFIG_FILE, record)
 
 
 def _remove_stale_temps(out_dir: Path, stems: set[str], with_config: bool) -> None:

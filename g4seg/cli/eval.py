@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -76,7 +75,7 @@ def eval_command(
     from g4seg.checks import check_output_file
     from g4seg.errors import G4SegError
     from g4seg.evaluation import compare, evaluate, per_image_figure, save_figure
-    from g4seg.io import atomic_write_bytes
+    from g4seg.io import write_json_report
     from g4seg.metrics import check_bootstrap
     from g4seg.plugins import registry
 
@@ -114,10 +113,7 @@ def eval_command(
         console.print(_bin_table(comparison))
         report["compare"] = comparison.to_json()
     if json_file is not None:
-        try:
-            atomic_write_bytes(json_file, (json.dumps(report, indent=2) + "\n").encode())
-        except OSError as exc:
-            raise G4SegError(f"cannot write --json {json_file}: {exc.strerror or exc}") from None
+        write_json_report(json_file, report, "--json")
         console.print(f"wrote {json_file}")
     if comparison is not None and plot is not None:
         try:

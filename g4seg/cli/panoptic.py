@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import json
 import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
@@ -52,16 +51,6 @@ def _summary(result: PanopticResult) -> Table:
     return table
 
 
-def write_json(path: Path, data: Any, option: str) -> None:
-    """``data`` as indented JSON, written atomically; a failure is one line naming ``option``."""
-    from g4seg.io import atomic_write_bytes
-
-    try:
-        atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
-    except OSError as exc:
-        raise G4SegError(f"cannot write {option} {path}: {exc.strerror or exc}") from None
-
-
 def panoptic_eval(pred_dir: Path, pred_json: Path | None, gt_dir: Path | None, gt_json: Path | None,
                   json_file: Path | None) -> None:
     """The ``--panoptic`` mode of ``g4seg eval``: PQ of COCO panoptic predictions against ground truth."""
@@ -78,7 +67,9 @@ def panoptic_eval(pred_dir: Path, pred_json: Path | None, gt_dir: Path | None, g
     console.print(_table(result))
     console.print(_summary(result))
     if json_file is not None:
-        write_json(json_file, result.to_json(), "--json")
+        from g4seg.io import write_json_report
+
+        write_json_report(json_file, result.to_json(), "--json")
         console.print(f"wrote {json_file}")
 
 
@@ -212,7 +203,7 @@ def _refine_and_write(refiner: Any, work: list, pred_dir: Path, categories: dict
                       unclaimed: Unclaimed, out: Path, out_json: Path, data: dict[str, Any]) -> tuple[int, int, int]:
     """Refine each (annotation, image) of ``work``, writing its PNG at once and the JSON of the images done at the
     end, also when one fails (nothing written is lost). Returns the images done, their segments, those vanished."""
-    from g4seg.io import load_image, save_rgb_png
+    from g4seg.io import load_image, save_rgb_png, write_json_report
     from g4seg.panoptic.format import id2rgb, read_ids
     from g4seg.panoptic.refine import refine_segments
 
@@ -228,6 +219,6 @@ def _refine_and_write(refiner: Any, work: list, pred_dir: Path, categories: dict
             vanished += len(refined.vanished)
     finally:
         if done or not work:
-            write_json(out_json, {**data, "categories": list(categories.values()), "annotations": done},
+            write_json_report(out_json, {**data, "categories": list(categories.values()), "annotations": done},
                        "the output JSON")
     return len(done), segments, vanished

@@ -8,7 +8,6 @@ the toy captions. No model loads before every setting and output path is checked
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from contextlib import contextmanager
@@ -92,12 +91,9 @@ def torch_threads(threads: int) -> Iterator[None]:
 
 
 def _write_json(path: Path, report: dict[str, Any], what: str = "--json") -> None:
-    from g4seg.io import atomic_write_bytes
+    from g4seg.io import write_json_report
 
-    try:
-        atomic_write_bytes(path, (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())
-    except OSError as exc:
-        raise G4SegError(f"cannot write {what} {path}: {exc.strerror or exc}") from None
+    write_json_report(path, report, what, allow_nan=False)
 
 
 def _fmt(value: float | None, signed: bool = False) -> str:
