@@ -76,6 +76,9 @@ PUBLISHED = {
     ("text_encoder", "sd15"): 123_060_480,
     ("vae", "sd15"): 83_653_863,
 }
+# (heads, head size) of the UNet's attention layers: SD 2.1's unet/config.json has attention_head_dim
+# [5, 10, 20, 20] (diffusers reads it as the number of heads, 64 channels each); SD 1.5's has 8 (8 heads)
+PUBLISHED_HEADS = {"sd21": [(5, 64), (10, 64), (20, 64)], "sd15": [(8, 40), (8, 80), (8, 160)]}
 DOCUMENTED_M = {"unet": {"sd21": 865.91, "sd15": 859.52}, "text_encoder": {"sd21": 340.39, "sd15": 123.06},
                 "vae": {"sd21": 83.65, "sd15": 83.65}}
 
@@ -116,4 +119,10 @@ def test_real_size_builders_have_the_published_parameter_counts(family, monkeypa
         count = sum(p.numel() for p in module.parameters())
         assert count == PUBLISHED[name, family], f"{family} {name}: {count:,} parameters"
         assert round(count / 1e6, 2) == DOCUMENTED_M[name][family], "docs/benchmarks.md's figure"
+    # heads do not change the parameter count, but they set the attention's cost (and the injector's)
+    from diffusers.models.attention_processor import Attention
+
+    layers = [a for a in built["unet"].modules() if isinstance(a, Attention)]
+    assert sorted({(a.heads, a.inner_dim // a.heads) for a in layers}) == PUBLISHED_HEADS[family]
+    assert built["text_encoder"].config.num_attention_heads == {"sd21": 16, "sd15": 12}[family]
     assert time.perf_counter() - start < 60

@@ -65,6 +65,13 @@ def test_messages(results, tmp_path):
         evaluate(refined_dir, dataset)
     assert str(err.value) == (f"{refined_dir / 'a.png'} is 6x8 but its label {dataset.label_path('a')} is 8x8; "
                               "save predictions at the label's size")
+    # a label that is not square: its width and height in that order too
+    save_label_png(dataset.label_path("a"), np.zeros((6, 8), np.uint8))
+    save_label_png(refined_dir / "a.png", np.zeros((8, 8), np.uint8))
+    with pytest.raises(G4SegError) as err:
+        evaluate(refined_dir, dataset)
+    assert str(err.value) == (f"{refined_dir / 'a.png'} is 8x8 but its label {dataset.label_path('a')} is 8x6; "
+                              "save predictions at the label's size")
     with pytest.raises(G4SegError) as err:
         compare(refined, replace(coarse, per_image={"a": 1.0}))
     assert str(err.value) == ("refined and coarse results cover different classes or images; evaluate both on "

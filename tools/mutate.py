@@ -40,7 +40,8 @@ TESTS = {
     "g4seg/correspondence.py": ["test_correspondence", "test_mutation_gaps", "test_refiner"],
     "g4seg/diffusion_math.py": ["test_diffusion_math", "test_refiner"],
     "g4seg/metrics.py": ["test_metrics", "test_eval_cli"],
-    "g4seg/refiner.py": ["test_refiner", "test_identity", "test_input_checks"],
+    "g4seg/refiner.py": ["test_refiner", "test_identity", "test_input_checks", "test_wiring", "test_speed_options",
+                         "test_noise_modes", "test_image_batch"],
     "g4seg/manifest.py": ["test_mutation_manifest", "test_runner", "test_run_safety"],
     "g4seg/config.py": ["test_config", "test_masks", "test_runner"],
     "g4seg/runner.py": ["test_runner", "test_run_safety", "test_sharding", "test_input_checks"],
@@ -70,18 +71,22 @@ def _toml_list(values: list[str]) -> str:
     return "[" + ", ".join(json.dumps(v) for v in values) + "]"
 
 
-def make_copy(dest: Path, modules: list[str], tests: list[str]) -> Path:
-    """A fresh copy of the working tree under ``dest/tree``, configured for mutmut."""
-    tree = dest / "tree"
+def copy_tree(tree: Path) -> Path:
+    """A fresh copy of the files git knows about (tracked, and untracked files that are not ignored) at ``tree``."""
     if tree.exists():
         shutil.rmtree(tree)
     tree.mkdir(parents=True)
     files = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
                            check=True, capture_output=True).stdout
-    names = [n for n in files.decode().split("\0") if n and (REPO / n).is_file()]
-    for name in names:
+    for name in (n for n in files.decode().split("\0") if n and (REPO / n).is_file()):
         (tree / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, tree / name)
+    return tree
+
+
+def make_copy(dest: Path, modules: list[str], tests: list[str]) -> Path:
+    """A fresh copy of the working tree under ``dest/tree``, configured for mutmut."""
+    tree = copy_tree(dest / "tree")
     config = (f"\n\n[tool.mutmut]\nsource_paths = [\"g4seg\"]\nonly_mutate = {_toml_list(modules)}\n"
               f"pytest_add_cli_args_test_selection = {_toml_list(tests)}\n"
               f"pytest_add_cli_args = [\"-p\", \"no:cacheprovider\", \"-q\"]\n"
