@@ -14,7 +14,10 @@ module; ``DEST/summary.json`` holds the same.
 ``--retest`` (with the ``--dest`` of a finished run) does not run mutmut again: it copies the current test
 files into that run's copy and runs them, with ``-x``, on each mutant the run left surviving or unchecked
 (``MUTANT_UNDER_TEST`` selects it in mutmut's trampolines), so new tests are scored in minutes instead of a
-whole new run; the verdicts go to ``DEST/retest.json`` and into the printed scores. See docs/testing.md.
+whole new run; the verdicts go to ``DEST/retest.json`` and into the printed scores. With ``--sample N`` it
+retests the survivors and only N of the unchecked mutants, drawn at random, and prints an estimate of the
+module's score over all its mutants with a 95% interval (a run whose budget ran out mid-module has
+checked the functions in file order, so its score alone says nothing of the rest). See docs/testing.md.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -40,8 +45,8 @@ TESTS = {
     "g4seg/correspondence.py": ["test_correspondence", "test_mutation_gaps", "test_refiner"],
     "g4seg/diffusion_math.py": ["test_diffusion_math", "test_refiner"],
     "g4seg/metrics.py": ["test_metrics", "test_eval_cli"],
-    "g4seg/refiner.py": ["test_refiner", "test_identity", "test_input_checks", "test_wiring", "test_speed_options",
-                         "test_noise_modes", "test_image_batch"],
+    "g4seg/refiner.py": ["test_mutation_refiner", "test_refiner", "test_identity", "test_input_checks", "test_wiring",
+                         "test_speed_options", "test_noise_modes", "test_image_batch", "test_injector_controlnet"],
     "g4seg/manifest.py": ["test_mutation_manifest", "test_runner", "test_run_safety"],
     "g4seg/config.py": ["test_config", "test_masks", "test_runner"],
     "g4seg/runner.py": ["test_runner", "test_run_safety", "test_sharding", "test_input_checks"],
@@ -225,15 +230,51 @@ RETEST_STATUS = ("survived", "no tests", "suspicious", "not checked")
 RETEST_TIMEOUT_S = 150  # per mutant; a mutant that makes a loop endless counts as killed, as mutmut's timeouts do
 
 
-def retest(tree: Path, module: str, tests: list[str], env: dict, deadline: float | None) -> dict[str, str]:
-    """Run ``tests`` (already copied into the mutants folder) on each mutant of ``module`` that mutmut left
-    surviving or unchecked; key -> "killed", "survived", "timeout" or "error" (pytest could not run: exit 2, 4, 5)."""
+def retest_keys(statuses: dict[str, str], sample: int | None, seed: int) -> tuple[list[str], list[str]]:
+    """(keys to retest in order, the sampled ones): every mutant mutmut left surviving (or without tests), then
+    every unchecked one, or with ``sample`` only that many unchecked ones drawn at random (seeded)."""
+    left = [k for k, s in statuses.items() if s in RETEST_STATUS and s != "not checked"]
+    unchecked = sorted(k for k, s in statuses.items() if s == "not checked")
+    drawn = unchecked if sample is None else random.Random(seed).sample(unchecked, min(sample, len(unchecked)))
+    return left + drawn, [] if sample is None else drawn
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k / n (n > 0)."""
+    p, d = k / n, 1 + z * z / n
+    centre, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def estimate(statuses: dict[str, str], retested: dict[str, str], drawn: list[str]) -> dict | None:
+    """The module's score over all its mutants when a random sample of the unchecked ones was retested: the
+    mutants checked outside the sample count as they are, the other unchecked ones at the sample's kill share."""
+    tested = [k for k in drawn if k in retested]
+    if not tested:
+        return None
+    hits = sum(retested[k] in ("killed", "timeout") for k in tested)
+    lo, hi = wilson(hits, len(tested))
+    verdicts = {k: retested.get(k, s) for k, s in statuses.items()}
+    rest = sum(v == "not checked" for v in verdicts.values())
+    killed, total, share = sum(v in ("killed", "timeout") for v in verdicts.values()), len(statuses), hits / len(tested)
+    return {"sample": len(tested), "sample_killed_share": share, "unchecked_left": rest,
+            "score": (killed + share * rest) / total,
+            "ci95": [(killed + lo * rest) / total, (killed + hi * rest) / total]}
+
+
+def mutmut_statuses(tree: Path, module: str) -> dict[str, str]:
+    """mutmut's status name ("killed", "survived", "not checked"...) per mutant key of ``module``."""
     from mutmut.stats import status_by_exit_code
 
+    return {key: status_by_exit_code[code] for key, code in _exit_codes(tree, module).items()}
+
+
+def retest(tree: Path, module: str, tests: list[str], env: dict, deadline: float | None,
+           keys: list[str]) -> dict[str, str]:
+    """Run ``tests`` (already copied into the mutants folder) on each mutant ``keys`` names (see
+    :func:`retest_keys`); key -> "killed", "survived", "timeout" or "error" (pytest could not run: exit 2, 4, 5)."""
     verdicts = {}
-    for key, code in _exit_codes(tree, module).items():
-        if status_by_exit_code[code] not in RETEST_STATUS:
-            continue
+    for key in keys:
         if deadline is not None and time.monotonic() > deadline:
             break
         command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
@@ -268,6 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="reuse DEST/tree and mutmut's cached results")
     parser.add_argument("--retest", action="store_true",
                         help="no new mutmut run: run the current --tests on the survivors of the run in --dest")
+    parser.add_argument("--sample", type=int, metavar="N",
+                        help="with --retest: of the mutants the run left unchecked, retest only N drawn at random and "
+                             "estimate the module's score (with a 95%% interval) from them")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --sample's draw")
     parser.add_argument("--mutmut-lib", default=os.environ.get("G4SEG_MUTMUT_LIB"),
                         help="a folder holding mutmut (pip install --target), if it is not installed")
     args = parser.parse_args(argv)
@@ -305,7 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     retests_file = dest / "retest.json"
     if not args.retest:
         retests_file.unlink(missing_ok=True)  # a new mutmut run: its verdicts replace any retest's
+    samples_file = dest / "sample.json"  # module -> the unchecked mutants a --sample retest drew
+    if not args.retest:
+        samples_file.unlink(missing_ok=True)
     retested = json.loads(retests_file.read_text()) if retests_file.exists() else {}
+    samples = json.loads(samples_file.read_text()) if samples_file.exists() else {}
     for module in modules:
         left = None if args.seconds is None else args.seconds - (time.monotonic() - started)
         if left is not None and left < 30:
@@ -314,8 +363,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.retest:
             print(f"retesting the survivors of {module} ...", flush=True)
             sys.path.append(lib) if lib and lib not in sys.path else None
-            retested.update(retest(tree, module, tests, env, None if left is None else time.monotonic() + left))
+            keys, drawn = retest_keys(mutmut_statuses(tree, module), args.sample, args.seed)
+            samples[module] = drawn
+            retested.update(retest(tree, module, tests, env, None if left is None else time.monotonic() + left, keys))
             retests_file.write_text(json.dumps(retested, indent=1) + "\n")
+            samples_file.write_text(json.dumps(samples, indent=1) + "\n")
             outcome[module] = "retested"
             continue
         print(f"mutating {module} ...", flush=True)
@@ -329,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     for module in modules:
         entry = collect(tree, module, lib, retested)
         entry["run"] = outcome[module]
+        drawn = samples.get(module)
+        entry["estimate"] = estimate(mutmut_statuses(tree, module), retested, drawn) if drawn else None
         results.append(entry)
         for s in entry["survivors"]:
             print(f"{module}:{s['line'] or '?'}: {s['original']}  ->  {s['mutant']}"
@@ -340,6 +394,11 @@ def main(argv: list[str] | None = None) -> int:
         total_killed, total_checked = total_killed + killed, total_checked + checked
         score = f"{100 * killed / checked:5.1f}%" if checked else "   n/a"
         print(f"{entry['module']:<36}{killed:>6}/{checked:<8} {score}  {entry['run']}")
+        if entry["estimate"]:
+            e = entry["estimate"]
+            print(f"{'':<36}all {entry['total']} mutants, estimated: {100 * e['score']:.1f}% (95% interval "
+                  f"{100 * e['ci95'][0]:.1f}-{100 * e['ci95'][1]:.1f}%) from {e['sample']} drawn of the unchecked, "
+                  f"{e['unchecked_left']} left unchecked")
     if total_checked:
         print(f"{'total':<36}{total_killed:>6}/{total_checked:<8} {100 * total_killed / total_checked:5.1f}%")
     (dest / "summary.json").write_text(json.dumps({"imported_from": imported, "modules": results}, indent=2) + "\n")
