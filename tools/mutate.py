@@ -15,9 +15,10 @@ module; ``DEST/summary.json`` holds the same.
 files into that run's copy and runs them, with ``-x``, on each mutant the run left surviving or unchecked
 (``MUTANT_UNDER_TEST`` selects it in mutmut's trampolines), so new tests are scored in minutes instead of a
 whole new run; the verdicts go to ``DEST/retest.json`` and into the printed scores. With ``--sample N`` it
-retests the survivors and only N of the unchecked mutants, drawn at random, and prints an estimate of the
-module's score over all its mutants with a 95% interval (a run whose budget ran out mid-module has
-checked the functions in file order, so its score alone says nothing of the rest). See docs/testing.md.
+retests only N of the mutants mutmut did not kill (survivors and unchecked), drawn at random, and prints an
+estimate of the module's score over all its mutants with a 95% interval (a run whose budget ran out
+mid-module has checked the functions in file order, so its score alone says nothing of the rest; survivors
+of a run with a shorter test list may fall to the full one). See docs/testing.md.
 """
 
 from __future__ import annotations
@@ -227,16 +228,18 @@ def collect(tree: Path, module: str, lib: str | None, retested: dict[str, str] |
 
 
 RETEST_STATUS = ("survived", "no tests", "suspicious", "not checked")
-RETEST_TIMEOUT_S = 150  # per mutant; a mutant that makes a loop endless counts as killed, as mutmut's timeouts do
+RETEST_TIMEOUT_S = 150  # per mutant (--mutant-seconds); a mutant that outlasts it counts as killed, as mutmut's
+# timeouts do, so it must be well above the unmutated run of the --tests
 
 
 def retest_keys(statuses: dict[str, str], sample: int | None, seed: int) -> tuple[list[str], list[str]]:
-    """(keys to retest in order, the sampled ones): every mutant mutmut left surviving (or without tests), then
-    every unchecked one, or with ``sample`` only that many unchecked ones drawn at random (seeded)."""
-    left = [k for k, s in statuses.items() if s in RETEST_STATUS and s != "not checked"]
-    unchecked = sorted(k for k, s in statuses.items() if s == "not checked")
-    drawn = unchecked if sample is None else random.Random(seed).sample(unchecked, min(sample, len(unchecked)))
-    return left + drawn, [] if sample is None else drawn
+    """(keys to retest, the sampled ones): every mutant mutmut did not kill (survived, no tests, not checked...),
+    or with ``sample`` only that many of them, drawn at random (seeded)."""
+    left = sorted(k for k, s in statuses.items() if s in RETEST_STATUS)
+    if sample is None:
+        return left, []
+    drawn = random.Random(seed).sample(left, min(sample, len(left)))
+    return drawn, drawn
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -247,17 +250,17 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def estimate(statuses: dict[str, str], retested: dict[str, str], drawn: list[str]) -> dict | None:
-    """The module's score over all its mutants when a random sample of the unchecked ones was retested: the
-    mutants checked outside the sample count as they are, the other unchecked ones at the sample's kill share."""
+    """The module's score over all its mutants when a random sample of those mutmut did not kill was retested:
+    the mutants mutmut killed and those retested count as they are, the others at the sample's kill share."""
     tested = [k for k in drawn if k in retested]
     if not tested:
         return None
     hits = sum(retested[k] in ("killed", "timeout") for k in tested)
     lo, hi = wilson(hits, len(tested))
     verdicts = {k: retested.get(k, s) for k, s in statuses.items()}
-    rest = sum(v == "not checked" for v in verdicts.values())
+    rest = sum(k not in retested and s in RETEST_STATUS for k, s in statuses.items())
     killed, total, share = sum(v in ("killed", "timeout") for v in verdicts.values()), len(statuses), hits / len(tested)
-    return {"sample": len(tested), "sample_killed_share": share, "unchecked_left": rest,
+    return {"sample": len(tested), "sample_killed_share": share, "not_retested": rest,
             "score": (killed + share * rest) / total,
             "ci95": [(killed + lo * rest) / total, (killed + hi * rest) / total]}
 
@@ -270,7 +273,7 @@ def mutmut_statuses(tree: Path, module: str) -> dict[str, str]:
 
 
 def retest(tree: Path, module: str, tests: list[str], env: dict, deadline: float | None,
-           keys: list[str]) -> dict[str, str]:
+           keys: list[str], limit: float = RETEST_TIMEOUT_S) -> dict[str, str]:
     """Run ``tests`` (already copied into the mutants folder) on each mutant ``keys`` names (see
     :func:`retest_keys`); key -> "killed", "survived", "timeout" or "error" (pytest could not run: exit 2, 4, 5)."""
     verdicts = {}
@@ -282,7 +285,7 @@ def retest(tree: Path, module: str, tests: list[str], env: dict, deadline: float
             mutant_env = {**env, "MUTANT_UNDER_TEST": key,  # the mutated copy first, for subprocesses too
                           "PYTHONPATH": os.pathsep.join([str(tree / "mutants"), env["PYTHONPATH"]])}
             rc = subprocess.run(command, cwd=tree / "mutants", env=mutant_env,
-                                capture_output=True, timeout=RETEST_TIMEOUT_S).returncode
+                                capture_output=True, timeout=limit).returncode
             # as mutmut counts: failed tests, a pytest internal error or death by a signal kill the mutant
             verdicts[key] = "survived" if rc == 0 else "killed" if rc in (1, 3) or rc < 0 else "error"
         except subprocess.TimeoutExpired:
@@ -310,9 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retest", action="store_true",
                         help="no new mutmut run: run the current --tests on the survivors of the run in --dest")
     parser.add_argument("--sample", type=int, metavar="N",
-                        help="with --retest: of the mutants the run left unchecked, retest only N drawn at random and "
+                        help="with --retest: of the mutants the run did not kill, retest only N drawn at random and "
                              "estimate the module's score (with a 95%% interval) from them")
     parser.add_argument("--seed", type=int, default=0, help="seed of --sample's draw")
+    parser.add_argument("--mutant-seconds", type=float, default=RETEST_TIMEOUT_S,
+                        help="with --retest: time limit per mutant (a mutant past it counts as killed)")
     parser.add_argument("--mutmut-lib", default=os.environ.get("G4SEG_MUTMUT_LIB"),
                         help="a folder holding mutmut (pip install --target), if it is not installed")
     args = parser.parse_args(argv)
@@ -365,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
             sys.path.append(lib) if lib and lib not in sys.path else None
             keys, drawn = retest_keys(mutmut_statuses(tree, module), args.sample, args.seed)
             samples[module] = drawn
-            retested.update(retest(tree, module, tests, env, None if left is None else time.monotonic() + left, keys))
+            deadline = None if left is None else time.monotonic() + left
+            retested.update(retest(tree, module, tests, env, deadline, keys, args.mutant_seconds))
             retests_file.write_text(json.dumps(retested, indent=1) + "\n")
             samples_file.write_text(json.dumps(samples, indent=1) + "\n")
             outcome[module] = "retested"
@@ -397,8 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         if entry["estimate"]:
             e = entry["estimate"]
             print(f"{'':<36}all {entry['total']} mutants, estimated: {100 * e['score']:.1f}% (95% interval "
-                  f"{100 * e['ci95'][0]:.1f}-{100 * e['ci95'][1]:.1f}%) from {e['sample']} drawn of the unchecked, "
-                  f"{e['unchecked_left']} left unchecked")
+                  f"{100 * e['ci95'][0]:.1f}-{100 * e['ci95'][1]:.1f}%): {e['sample']} drawn of those mutmut did "
+                  f"not kill, {e['not_retested']} of them not retested")
     if total_checked:
         print(f"{'total':<36}{total_killed:>6}/{total_checked:<8} {100 * total_killed / total_checked:5.1f}%")
     (dest / "summary.json").write_text(json.dumps({"imported_from": imported, "modules": results}, indent=2) + "\n")
