@@ -358,6 +358,17 @@ def test_offload_moves_one_model_at_a_time_with_the_same_result(tiny_sdxl_dir, t
     assert plain.offload_group is None
 
 
+def test_from_config_hands_offload_to_the_components(tiny_sd_dir, tiny_clip_options, monkeypatch) -> None:
+    """RefineConfig(offload=True) reaches the backbone's Runtime through Refiner.from_config (the CUDA check is
+    lifted here, the CPU standing in for the device): the backbone then has its offload group."""
+    import g4seg.refiner as refiner_module
+
+    monkeypatch.setattr(refiner_module, "check_speed_settings", lambda *args: None)
+    offloaded = Refiner.from_config(config(tiny_sd_dir, tiny_clip_options, offload=True))
+    assert offloaded.backbone.offload_group is not None
+    assert Refiner.from_config(config(tiny_sd_dir, tiny_clip_options)).backbone.offload_group is None
+
+
 def test_offload_is_refused_without_cuda_and_with_compile(tiny_sd_dir, tiny_clip_options, config_file,
                                                           tmp_path) -> None:
     from g4seg.cli import app
