@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 # module -> the test files that exercise it (mutmut then runs, per mutant, only the tests that reach
 # the mutated function). Ordered by priority: the method first, then the run loop.
 TESTS = {
-    "g4seg/masks.py": ["test_masks", "test_mutation_gaps", "test_identity", "test_runner"],
+    "g4seg/masks.py": ["test_masks", "test_mutation_masks", "test_mutation_gaps", "test_identity", "test_runner"],
     "g4seg/correspondence.py": ["test_correspondence", "test_mutation_gaps", "test_refiner"],
     "g4seg/diffusion_math.py": ["test_diffusion_math", "test_refiner"],
     "g4seg/metrics.py": ["test_mutation_metrics_config", "test_metrics", "test_eval_cli"],
