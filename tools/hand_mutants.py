@@ -85,8 +85,11 @@ def run(mutants: list[Mutant], tree: Path, baseline: bool, log=print) -> None:
     """Fill in each mutant's verdict: killed, survived, error (...), stale (...) or baseline fails."""
     broken: dict[tuple[str, ...], str] = {}
     if baseline:
-        for args in dict.fromkeys(tuple(m.args()) for m in mutants):
-            code, output = pytest(tree, list(args), max(m.seconds for m in mutants if tuple(m.args()) == args))
+        limits: dict[tuple[str, ...], int] = {}  # each test selection once, with its entries' longest limit
+        for m in mutants:
+            limits[tuple(m.args())] = max(limits.get(tuple(m.args()), 0), m.seconds)
+        for args, seconds in limits.items():
+            code, output = pytest(tree, list(args), seconds)
             if code != 0:
                 broken[args] = f"baseline fails (exit {code}): {', '.join(FAILED.findall(output)[:2])}"
             log(f"baseline {' '.join(args)}: {'ok' if code == 0 else broken[args]}")
@@ -128,9 +131,10 @@ def main() -> int:
         parser.error(f"unknown ids: {', '.join(sorted(unknown))}")
     mutants = [m for m in mutants if not args.ids or m.id in args.ids]
     if args.list:
-        for m in mutants:
-            print(f"{m.id:24} {m.category:12} {stale(m) or 'applies'}: {m.what}")
-        return 0 if not any(stale(m) for m in mutants) else 1
+        reasons = [stale(m) for m in mutants]
+        for m, reason in zip(mutants, reasons):
+            print(f"{m.id:24} {m.category:12} {reason or 'applies'}: {m.what}")
+        return 1 if any(reasons) else 0
     tree = copy_tree(args.dest / "tree")
     run(mutants, tree, baseline=not args.no_baseline)
     results = [{"id": m.id, "category": m.category, "what": m.what, "file": m.file, "verdict": m.verdict,

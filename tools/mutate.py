@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -209,23 +210,28 @@ def _exit_codes(tree: Path, module: str) -> dict[str, int | None]:
     return json.loads(meta.read_text())["exit_code_by_key"] if meta.exists() else {}
 
 
-def collect(tree: Path, module: str, lib: str | None, retested: dict[str, str] | None = None) -> dict:
-    """Counts per status and the survivors of ``module``; ``retested`` (key -> status) overrides mutmut's."""
-    codes = _exit_codes(tree, module)
-    if not codes:
-        return {"module": module, "total": 0, "status": {}, "survivors": []}
-    sys.path.append(lib) if lib and lib not in sys.path else None
+def mutmut_statuses(tree: Path, module: str) -> dict[str, str]:
+    """mutmut's status name ("killed", "survived", "not checked"...) per mutant key of ``module``."""
     from mutmut.stats import status_by_exit_code
 
+    return {key: status_by_exit_code[code] for key, code in _exit_codes(tree, module).items()}
+
+
+def collect(tree: Path, module: str, lib: str | None, retested: dict[str, str] | None = None) -> dict:
+    """Counts per status and the survivors of ``module``; ``retested`` (key -> status) overrides mutmut's."""
+    sys.path.append(lib) if lib and lib not in sys.path else None
+    statuses = mutmut_statuses(tree, module)
+    if not statuses:
+        return {"module": module, "total": 0, "status": {}, "survivors": []}
     status: dict[str, int] = {}
     survivors = []
-    for key, code in codes.items():
-        name = (retested or {}).get(key) or status_by_exit_code[code]
+    for key, mutmut_status in statuses.items():
+        name = (retested or {}).get(key) or mutmut_status
         status[name] = status.get(name, 0) + 1
         if name in ("survived", "no tests", "suspicious", "error"):
             line, before, after = describe(tree, module, key, lib)
             survivors.append({"key": key, "status": name, "line": line, "original": before, "mutant": after})
-    return {"module": module, "total": len(codes), "status": status, "survivors": survivors}
+    return {"module": module, "total": len(statuses), "status": status, "survivors": survivors}
 
 
 RETEST_STATUS = ("survived", "no tests", "suspicious", "not checked")
@@ -266,18 +272,11 @@ def estimate(statuses: dict[str, str], retested: dict[str, str], drawn: list[str
             "ci95": [(killed + lo * rest) / total, (killed + hi * rest) / total]}
 
 
-def mutmut_statuses(tree: Path, module: str) -> dict[str, str]:
-    """mutmut's status name ("killed", "survived", "not checked"...) per mutant key of ``module``."""
-    from mutmut.stats import status_by_exit_code
-
-    return {key: status_by_exit_code[code] for key, code in _exit_codes(tree, module).items()}
-
-
-def retest(tree: Path, module: str, tests: list[str], env: dict, deadline: float | None,
-           keys: list[str], limit: float = RETEST_TIMEOUT_S) -> dict[str, str]:
+def retest(tree: Path, tests: list[str], env: dict, deadline: float | None, keys: list[str],
+           record: Callable[[str, str], None], limit: float = RETEST_TIMEOUT_S) -> None:
     """Run ``tests`` (already copied into the mutants folder) on each mutant ``keys`` names (see
-    :func:`retest_keys`); key -> "killed", "survived", "timeout" or "error" (pytest could not run: exit 2, 4, 5)."""
-    verdicts = {}
+    :func:`retest_keys`) and ``record`` each verdict as it comes: "killed", "survived", "timeout" or "error"
+    (pytest could not run: exit 2, 4, 5)."""
     for key in keys:
         if deadline is not None and time.monotonic() > deadline:
             break
@@ -288,11 +287,11 @@ def retest(tree: Path, module: str, tests: list[str], env: dict, deadline: float
             rc = subprocess.run(command, cwd=tree / "mutants", env=mutant_env,
                                 capture_output=True, timeout=limit).returncode
             # as mutmut counts: failed tests, a pytest internal error or death by a signal kill the mutant
-            verdicts[key] = "survived" if rc == 0 else "killed" if rc in (1, 3) or rc < 0 else "error"
+            verdict = "survived" if rc == 0 else "killed" if rc in (1, 3) or rc < 0 else "error"
         except subprocess.TimeoutExpired:
-            verdicts[key] = "timeout"
-        print(f"  {key}: {verdicts[key]}", flush=True)
-    return verdicts
+            verdict = "timeout"
+        print(f"  {key}: {verdict}", flush=True)
+        record(key, verdict)
 
 
 def _score(entry: dict) -> tuple[int, int]:
@@ -354,10 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     outcome = {}
     retests_file = dest / "retest.json"
-    if not args.retest:
-        retests_file.unlink(missing_ok=True)  # a new mutmut run: its verdicts replace any retest's
-    samples_file = dest / "sample.json"  # module -> the unchecked mutants a --sample retest drew
-    if not args.retest:
+    samples_file = dest / "sample.json"  # module -> the mutants a --sample retest drew
+    if not args.retest:  # a new mutmut run: its verdicts replace any retest's
+        retests_file.unlink(missing_ok=True)
         samples_file.unlink(missing_ok=True)
     retested = json.loads(retests_file.read_text()) if retests_file.exists() else {}
     samples = json.loads(samples_file.read_text()) if samples_file.exists() else {}
@@ -371,10 +369,14 @@ def main(argv: list[str] | None = None) -> int:
             sys.path.append(lib) if lib and lib not in sys.path else None
             keys, drawn = retest_keys(mutmut_statuses(tree, module), args.sample, args.seed)
             samples[module] = drawn
-            deadline = None if left is None else time.monotonic() + left
-            retested.update(retest(tree, module, tests, env, deadline, keys, args.mutant_seconds))
-            retests_file.write_text(json.dumps(retested, indent=1) + "\n")
             samples_file.write_text(json.dumps(samples, indent=1) + "\n")
+
+            def record(key: str, verdict: str) -> None:  # after each mutant: a stopped retest keeps its verdicts
+                retested[key] = verdict
+                retests_file.write_text(json.dumps(retested, indent=1) + "\n")
+
+            deadline = None if left is None else time.monotonic() + left
+            retest(tree, tests, env, deadline, keys, record, args.mutant_seconds)
             outcome[module] = "retested"
             continue
         print(f"mutating {module} ...", flush=True)
